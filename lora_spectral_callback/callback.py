@@ -1,0 +1,192 @@
+"""LoRASpectralCallback: the SpectralMonitor on a schedule inside a transformers Trainer (or TRL trainer)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .alerts import Alert, IntruderThreshold
+from .distributed import any_rank
+from .monitor import SpectralConfig, SpectralMonitor
+from .report import SpectralReport
+from .writers import MetricWriter, TensorBoardWriter, headline_metrics
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LoRASpectralCallback", "default_log_dir"]
+
+_HISTORY_KEY = "spectral/intruders_total"
+_WAIT_KEY = "spectral/alert_wait"
+
+
+def default_log_dir(output_dir: str) -> str:
+    """A run directory of our own beside the Trainer's TensorBoard logs, never sharing its event file.
+
+    transformers 5.x has no ``TrainingArguments.logging_dir``: its TensorBoardCallback writes to
+    ``$TENSORBOARD_LOGGING_DIR`` or ``<output_dir>/runs/<time>_<host>``. We use ``<that root>/spectral``, a
+    fixed name so a resumed run continues the same series.
+    """
+    root = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(output_dir, "runs")
+    return os.path.join(os.path.expanduser(root), "spectral")
+
+
+class LoRASpectralCallback(TrainerCallback):
+    """Measure intruder dimensions of the LoRA-merged weights every ``every_n_steps`` and act on them.
+
+    Measures at the first step (0, or the step a run resumes from), every ``every_n_steps`` optimizer steps, and
+    at the end of training. Writes TensorBoard tags (see ``writers``) to ``log_dir`` (default:
+    :func:`default_log_dir`) and the headline numbers to the Trainer's log history. When ``max_intruders`` /
+    ``max_intruders_per_layer`` is exceeded for ``patience`` consecutive measurements it warns, calls
+    ``on_alert(report)`` and, unless ``stop_training=False``, saves a checkpoint and stops training on every
+    rank. NaN/Inf weights always warn and call the hook; they stop training only with ``stop_on_nonfinite``.
+
+    Remaining keyword options go to :class:`SpectralConfig` (``include``, ``exclude``, ``basis_dtype``, ...).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        top_k: int = 10,
+        epsilon: float | list[float] = 0.5,
+        max_intruders: int | None = None,
+        max_intruders_per_layer: int | None = None,
+        patience: int = 1,
+        log_dir: str | None = None,
+        on_alert: Callable[[SpectralReport], Any] | None = None,
+        stop_training: bool = True,
+        stop_on_nonfinite: bool = False,
+        **options: Any,
+    ) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps <= 0:
+            raise ValueError(f"every_n_steps={every_n_steps!r} is invalid: must be an integer >= 1")
+        if on_alert is not None and not callable(on_alert):
+            raise ValueError(f"on_alert={on_alert!r} is invalid: must be a callable taking a SpectralReport")
+        self.every_n_steps = every_n_steps
+        self.options = dict(options, top_k=top_k, epsilon=epsilon)
+        self.config = SpectralConfig(**self.options)  # fail now, not at train start
+        self.threshold = IntruderThreshold(max_intruders, max_intruders_per_layer, patience)
+        self.stop_training = stop_training
+        self.stop_on_nonfinite = stop_on_nonfinite
+        self.log_dir = log_dir
+        if log_dir is not None:
+            _ensure_writable_dir(log_dir)
+        self.on_alert = on_alert
+        self.monitor: SpectralMonitor | None = None
+        self.writer: MetricWriter | None = None
+        self.last_report: SpectralReport | None = None
+        self.last_alert: Alert | None = None
+        self.last_measured_step = -1
+        self._handler = None
+
+    # -- Trainer events --------------------------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._handler = _calling_callback_handler(self)
+        model = kwargs.get("model")
+        if self.monitor is None:
+            self.monitor = SpectralMonitor(model, **self.options)
+        self._restore_from_history(state)
+        if state.is_world_process_zero:
+            self.monitor.snapshot()
+            if self.writer is None:
+                self.writer = TensorBoardWriter(self.log_dir or default_log_dir(args.output_dir))
+                logger.info("lora-spectral-callback: TensorBoard logs in %s", self.writer.log_dir)
+        if state.global_step > self.last_measured_step:
+            self._measure_and_act(args, state, control)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.global_step % self.every_n_steps == 0 and state.global_step > self.last_measured_step:
+            self._measure_and_act(args, state, control)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.monitor is not None and state.global_step > self.last_measured_step:
+            self._measure_and_act(args, state, control, final=True)
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _measure_and_act(self, args, state: TrainerState, control: TrainerControl, final: bool = False) -> None:
+        """Measure on the main process, record, and make every rank agree on whether to stop."""
+        step = state.global_step
+        self.last_measured_step = step
+        stop = False
+        if state.is_world_process_zero:
+            report = self._guarded("measurement", lambda: self.monitor.measure(step))
+            if report is not None:
+                self.last_report = report
+                stop = self._record_and_decide(args, state, control, report)
+        if final:
+            return
+        if any_rank(stop):
+            control.should_save = True
+            control.should_training_stop = True
+
+    def _record_and_decide(self, args, state: TrainerState, control: TrainerControl, report: SpectralReport) -> bool:
+        alert = self.threshold.update(report)
+        if self.writer is not None:
+            self._guarded("TensorBoard write", lambda: self.writer.write(report, report.step))
+        logs = headline_metrics(report)
+        state.log_history.append({**logs, _WAIT_KEY: self.threshold.wait, "step": report.step})
+        if self._handler is not None:  # lets report_to integrations (W&B, MLflow, ...) see the numbers
+            self._guarded("Trainer log", lambda: self._handler.on_log(args, state, control, dict(logs)))
+        if alert is None:
+            return False
+        self.last_alert = alert
+        logger.warning("lora-spectral-callback: %s", alert.message())
+        if self.on_alert is not None:
+            self._guarded("on_alert hook", lambda: self.on_alert(report))
+        if (alert.nonfinite and self.stop_on_nonfinite) or (not alert.nonfinite and self.stop_training):
+            logger.warning("lora-spectral-callback: saving a checkpoint and stopping training at step %s", report.step)
+            return True
+        return False
+
+    def _restore_from_history(self, state: TrainerState) -> None:
+        """A resumed run continues the series: last measured step and patience come back from the log history,
+        which the Trainer restores from ``trainer_state.json`` whether or not callback states are restored."""
+        for entry in reversed(state.log_history):
+            if _HISTORY_KEY in entry:
+                self.last_measured_step = max(self.last_measured_step, int(entry["step"]))
+                self.threshold.load_state_dict({"wait": entry.get(_WAIT_KEY, 0)})
+                return
+
+    def _guarded(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn``; a failure is logged and swallowed (re-raised with ``strict=True``): monitoring must not
+        take the training run down."""
+        try:
+            return fn()
+        except Exception as err:
+            if self.config.strict:
+                raise
+            logger.warning("lora-spectral-callback: %s failed and was skipped: %s: %s", what, type(err).__name__, err)
+            return None
+
+
+def _calling_callback_handler(callback: TrainerCallback) -> Any:
+    """The Trainer's CallbackHandler that is invoking ``callback`` (found on the call stack), or None.
+
+    Callbacks are not handed the Trainer, yet its ``on_log`` event is how report_to integrations receive
+    metrics; the handler is the caller of our event methods, so we look a few frames up for it.
+    """
+    frame = sys._getframe(1)
+    for _ in range(4):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if callback in getattr(candidate, "callbacks", ()) and hasattr(candidate, "on_log"):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _ensure_writable_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"log_dir={path!r} cannot be created: {err}") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"log_dir={path!r} is not writable")

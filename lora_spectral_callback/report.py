@@ -1,0 +1,92 @@
+"""What one measurement found: plain dataclasses that serialise to a dict / JSON and back."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LayerReport", "SpectralReport"]
+
+
+def _eps_key(epsilon: float) -> str:
+    return f"{epsilon:g}"
+
+
+@dataclass
+class LayerReport:
+    """Spectral state of one merged weight ``W0 + dW``.
+
+    ``max_cos[i]`` is the largest |cosine| between the i-th top left singular vector of the merged matrix and any
+    pretrained left singular vector; it is an intruder at ``epsilon`` iff ``max_cos[i] < epsilon``.
+    ``uncertain`` counts vectors whose ``max_cos`` lies closer to some threshold than its error bound
+    (the count could flip under exact arithmetic); it is 0 whenever ``converged`` holds.
+    """
+
+    intruders: int
+    intruders_by_epsilon: dict[str, int]
+    max_cos: list[float]
+    singular_values: list[float]
+    effective_rank: float
+    converged: bool = True
+    iterations: int = 0
+    uncertain: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class SpectralReport:
+    """One measurement of the whole model; ``intruders_total`` is at the primary (first) epsilon."""
+
+    step: int | None
+    epsilon: float
+    intruders_total: int
+    intruders_total_by_epsilon: dict[str, int]
+    effective_rank_mean: float
+    layers: dict[str, LayerReport] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    nonfinite_layers: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @classmethod
+    def from_layers(
+        cls,
+        step: int | None,
+        epsilons: list[float],
+        layers: dict[str, LayerReport],
+        errors: dict[str, str] | None = None,
+        nonfinite_layers: list[str] | None = None,
+        seconds: float = 0.0,
+    ) -> SpectralReport:
+        """Sum per-layer counts into model-wide totals (paper: counts are summed over the model's matrices)."""
+        totals = {_eps_key(e): sum(r.intruders_by_epsilon[_eps_key(e)] for r in layers.values()) for e in epsilons}
+        ranks = [r.effective_rank for r in layers.values()]
+        return cls(
+            step=step,
+            epsilon=epsilons[0],
+            intruders_total=totals[_eps_key(epsilons[0])],
+            intruders_total_by_epsilon=totals,
+            effective_rank_mean=sum(ranks) / len(ranks) if ranks else math.nan,
+            layers=layers,
+            errors=dict(errors or {}),
+            nonfinite_layers=list(nonfinite_layers or []),
+            seconds=seconds,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpectralReport:
+        data = dict(data)
+        data["layers"] = {name: LayerReport(**layer) for name, layer in data.get("layers", {}).items()}
+        return cls(**data)
+
+    def offenders(self, limit: int | None = None) -> list[tuple[str, int]]:
+        """Layers with intruders at the primary epsilon, most first."""
+        ranked = sorted(((n, r.intruders) for n, r in self.layers.items() if r.intruders), key=lambda x: -x[1])
+        return ranked[:limit] if limit else ranked

@@ -1,0 +1,58 @@
+"""Small models and data built from configs (no download), and a float64 reference recount."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from lora_spectral_callback.metrics import count_intruders, max_abs_cosine
+
+
+def tiny_bert(hidden: int = 64, layers: int = 2, seed: int = 0, labels: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=2 * hidden, max_position_embeddings=32, num_labels=labels,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_gpt2(hidden: int = 64, layers: int = 2, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=hidden, n_layer=layers, n_head=4, n_positions=32))
+
+
+class RandomTokens(Dataset):
+    """Token sequences whose label is a fixed function of the tokens, so a model can learn it."""
+
+    def __init__(self, n: int = 64, length: int = 16, vocab: int = 100, seed: int = 0, causal: bool = False):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, vocab, (n, length), generator=g)
+        self.labels = (self.ids[:, 0] > vocab // 2).long()
+        self.causal = causal
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids if self.causal else self.labels[i]}
+
+
+def reference_counts(base_weights: dict[str, torch.Tensor], merged_weights: dict[str, torch.Tensor], epsilon, k=10):
+    """Paper Alg. 1 in float64 with full SVDs: {epsilon: total}, {name: count at epsilon[0]}."""
+    eps = list(epsilon)
+    totals = {e: 0 for e in eps}
+    per_layer = {}
+    for name, W in merged_weights.items():
+        U0 = torch.linalg.svd(base_weights[name].double(), full_matrices=False)[0]
+        U = torch.linalg.svd(W.double(), full_matrices=False)[0][:, :k]
+        counts = count_intruders(max_abs_cosine(U, U0), eps)
+        for e in eps:
+            totals[e] += counts[e]
+        per_layer[name] = counts[eps[0]]
+    return totals, per_layer
