@@ -81,6 +81,7 @@ class LoRASpectralCallback(TrainerCallback):
         self.last_report: SpectralReport | None = None
         self.last_alert: Alert | None = None
         self.last_measured_step = -1
+        self.resolved_log_dir: str | None = None  # where the TensorBoard events went (main process)
         self._handler = None
 
     # -- Trainer events --------------------------------------------------------------------------------------
@@ -93,8 +94,9 @@ class LoRASpectralCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.monitor.snapshot()
             if self.writer is None:
-                self.writer = TensorBoardWriter(self.log_dir or default_log_dir(args.output_dir))
-                logger.info("lora-spectral-callback: TensorBoard logs in %s", self.writer.log_dir)
+                self.resolved_log_dir = self.log_dir or default_log_dir(args.output_dir)
+                self.writer = TensorBoardWriter(self.resolved_log_dir)
+                logger.info("lora-spectral-callback: TensorBoard logs in %s", self.resolved_log_dir)
         if state.global_step > self.last_measured_step:
             self._measure_and_act(args, state, control)
 
