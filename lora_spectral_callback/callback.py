@@ -103,9 +103,11 @@ class LoRASpectralCallback(TrainerCallback):
                 # The directory name is fixed, so a run continues the series: events an earlier run wrote after
                 # the last measurement this run restored (it went past the checkpoint; or all of them, for a new
                 # run in the same directory) are purged so no step repeats or goes backwards.
-                self.writer = TensorBoardWriter(log_dir, purge_step=self.last_measured_step + 1)
+                writer = self._guarded("TensorBoard open", lambda: TensorBoardWriter(log_dir, self.last_measured_step + 1))
+                self.writer = None if writer is _FAILED else writer
                 self._write_failures = 0
-                logger.info("lora-spectral-callback: TensorBoard logs in %s", self.writer.log_dir)
+                if self.writer is not None:
+                    logger.info("lora-spectral-callback: TensorBoard logs in %s", log_dir)
         if self.last_measured_step < 0:  # a baseline, unless a resumed run's history already has one
             self._measure_and_act(args, state, control)
 
@@ -117,7 +119,7 @@ class LoRASpectralCallback(TrainerCallback):
         if self.monitor is not None and state.global_step > self.last_measured_step:
             self._measure_and_act(args, state, control, final=True)
         if self.writer is not None:
-            self.writer.close()
+            self._guarded("TensorBoard close", self.writer.close)
             self.writer = None
 
     # -- internals -------------------------------------------------------------------------------------------

@@ -146,8 +146,10 @@ class SpectralMonitor:
                 if self.config.strict and not isinstance(err, _NonFinite):
                     raise
                 # Kept as text: holding the exception would keep its traceback's (device) tensors alive.
-                kind = _NonFinite if isinstance(err, _NonFinite) else RuntimeError
-                self._snapshot_errors[matrix.name] = (kind, f"pretrained snapshot failed: {type(err).__name__}: {err}")
+                if isinstance(err, _NonFinite):
+                    self._snapshot_errors[matrix.name] = (_NonFinite, str(err))
+                else:
+                    self._snapshot_errors[matrix.name] = (RuntimeError, f"pretrained snapshot failed: {type(err).__name__}: {err}")
 
     def basis_bytes(self) -> int:
         """Memory held for the pretrained bases."""

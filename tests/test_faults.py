@@ -75,6 +75,17 @@ def test_nonfinite_is_a_finding_not_a_monitoring_fault_so_strict_does_not_raise(
     assert trainer.state.global_step == MAX_STEPS and LAYER in callback.last_report.nonfinite_layers
 
 
+def test_nonfinite_pretrained_weight_is_reported_not_raised():
+    from lora_spectral_callback import SpectralMonitor
+
+    model = lora_bert()
+    with torch.no_grad():
+        lora_module(model).get_base_layer().weight[3, 1] = float("inf")
+    report = SpectralMonitor(model, progress=False, strict=True).measure(0)
+    assert report.nonfinite_layers == [LAYER] and report.errors == {LAYER: "pretrained weight contains NaN or Inf"}
+    assert len(report.layers) == 3
+
+
 # -- a layer that disappears or changes shape --------------------------------------------------------------------
 def remove_layer(model, step):
     if step == 2:  # e.g. a user's unload/replace of one adapter layer mid-run
@@ -220,6 +231,16 @@ def test_read_only_file_system_disables_the_writer(tmp_path, caplog, monkeypatch
     # 2, 4, 6 failed (retrying by reopening the file); from 8 on no write is attempted, measuring goes on
     assert errors_in_history(trainer) == {0: 0, 2: 1, 4: 1, 6: 1, 8: 0, 10: 0}
     assert [s for s, _ in tensorboard_scalars(tmp_path / "tb", "spectral/intruders_total")] == [0]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_event_file_that_cannot_be_opened(tmp_path, caplog, monkeypatch):
+    fault = disk_fault(monkeypatch, errno.ENOSPC, range(100))
+    fault(None, 0)  # the disk is full before training starts
+    trainer, callback = run(tmp_path, fault, caplog)
+    assert trainer.state.global_step == MAX_STEPS
+    assert len(warnings_about(caplog, "TensorBoard open failed", "No space left on device")) == 1
+    assert sorted(errors_in_history(trainer)) == MEASURED  # measured, and in the log history, all the same
 
 
 # -- strict=True re-raises -----------------------------------------------------------------------------------------
