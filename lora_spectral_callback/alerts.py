@@ -38,9 +38,9 @@ class IntruderThreshold:
         patience: int = 1,
     ) -> None:
         for name, value in (("max_intruders", max_intruders), ("max_intruders_per_layer", max_intruders_per_layer)):
-            if value is not None and (not isinstance(value, int) or value < 0):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name}={value!r} is invalid: must be None or an integer >= 0")
-        if not isinstance(patience, int) or patience < 1:
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
             raise ValueError(f"patience={patience!r} is invalid: must be an integer >= 1")
         self.max_intruders = max_intruders
         self.max_intruders_per_layer = max_intruders_per_layer

@@ -22,6 +22,8 @@ __all__ = ["LoRASpectralCallback", "default_log_dir"]
 
 _HISTORY_KEY = "spectral/intruders_total"
 _WAIT_KEY = "spectral/alert_wait"
+_MAX_WRITE_FAILURES = 3  # consecutive failed TensorBoard writes before the writer is given up
+_FAILED = object()  # what _guarded returns when the guarded call failed
 
 
 def default_log_dir(output_dir: str) -> str:
@@ -38,8 +40,9 @@ def default_log_dir(output_dir: str) -> str:
 class LoRASpectralCallback(TrainerCallback):
     """Measure intruder dimensions of the LoRA-merged weights every ``every_n_steps`` and act on them.
 
-    Measures at the first step (0, or the step a run resumes from), every ``every_n_steps`` optimizer steps, and
-    at the end of training. Writes TensorBoard tags (see ``writers``) to ``log_dir`` (default:
+    Measures at step 0 (or at the step a run resumes from, if its checkpoint holds no measurement), every
+    ``every_n_steps`` optimizer steps, and at the end of training; a resumed run keeps the schedule and patience
+    of an uninterrupted one. Writes TensorBoard tags (see ``writers``) to ``log_dir`` (default:
     :func:`default_log_dir`) and the headline numbers to the Trainer's log history. When ``max_intruders`` /
     ``max_intruders_per_layer`` is exceeded for ``patience`` consecutive measurements it warns, calls
     ``on_alert(report)`` and, unless ``stop_training=False``, saves a checkpoint and stops training on every
@@ -62,7 +65,7 @@ class LoRASpectralCallback(TrainerCallback):
         stop_on_nonfinite: bool = False,
         **options: Any,
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps <= 0:
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps <= 0:
             raise ValueError(f"every_n_steps={every_n_steps!r} is invalid: must be an integer >= 1")
         if on_alert is not None and not callable(on_alert):
             raise ValueError(f"on_alert={on_alert!r} is invalid: must be a callable taking a SpectralReport")
@@ -83,6 +86,9 @@ class LoRASpectralCallback(TrainerCallback):
         self.last_measured_step = -1
         self.resolved_log_dir: str | None = None  # where the TensorBoard events went (main process)
         self._handler = None
+        self._reported: set[tuple[str, str]] = set()
+        self._write_failures = 0
+        self._stop_requested = False
 
     # -- Trainer events --------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -94,21 +100,33 @@ class LoRASpectralCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.monitor.snapshot()
             if self.writer is None:
-                self.resolved_log_dir = self.log_dir or default_log_dir(args.output_dir)
-                self.writer = TensorBoardWriter(self.resolved_log_dir)
-                logger.info("lora-spectral-callback: TensorBoard logs in %s", self.resolved_log_dir)
-        if state.global_step > self.last_measured_step:
+                log_dir = self.resolved_log_dir = self.log_dir or default_log_dir(args.output_dir)
+                _ensure_writable_dir(log_dir)
+                # The directory name is fixed, so a run continues the series: events an earlier run wrote after
+                # the last measurement this run restored (it went past the checkpoint; or all of them, for a new
+                # run in the same directory) are purged so no step repeats or goes backwards.
+                writer = self._guarded("TensorBoard open", lambda: TensorBoardWriter(log_dir, self.last_measured_step + 1))
+                self.writer = None if writer is _FAILED else writer
+                self._write_failures = 0
+                if self.writer is not None:
+                    logger.info("lora-spectral-callback: TensorBoard logs in %s", log_dir)
+        if self.last_measured_step < 0:  # a baseline, unless a resumed run's history already has one
             self._measure_and_act(args, state, control)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if state.global_step % self.every_n_steps == 0 and state.global_step > self.last_measured_step:
             self._measure_and_act(args, state, control)
+        if self._stop_requested:  # applied here: the Trainer only honours a stop (and its save) after a step
+            self._stop_requested = False
+            logger.warning("lora-spectral-callback: saving a checkpoint and stopping training at step %s", state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.monitor is not None and state.global_step > self.last_measured_step:
             self._measure_and_act(args, state, control, final=True)
         if self.writer is not None:
-            self.writer.close()
+            self._guarded("TensorBoard close", self.writer.close)
             self.writer = None
 
     # -- internals -------------------------------------------------------------------------------------------
@@ -119,53 +137,76 @@ class LoRASpectralCallback(TrainerCallback):
         stop = False
         if state.is_world_process_zero:
             report = self._guarded("measurement", lambda: self.monitor.measure(step))
-            if report is not None:
+            if report is not _FAILED:
                 self.last_report = report
                 stop = self._record_and_decide(args, state, control, report)
-        if final:
-            return
-        if any_rank(stop):
-            control.should_save = True
-            control.should_training_stop = True
+        if not final:
+            self._stop_requested = any_rank(stop)
 
     def _record_and_decide(self, args, state: TrainerState, control: TrainerControl, report: SpectralReport) -> bool:
+        """Alert (hook first), then write and log. A failing hook or writer is added to ``report.errors`` under
+        its own name, so ``spectral/errors`` counts it: in TensorBoard for a hook failure, in the log history
+        (and report_to integrations) for a write failure, which cannot reach TensorBoard at that step."""
         alert = self.threshold.update(report)
-        if self.writer is not None:
-            self._guarded("TensorBoard write", lambda: self.writer.write(report, report.step))
+        if alert is not None:
+            self.last_alert = alert
+            logger.warning("lora-spectral-callback: %s", alert.message())
+            if self.on_alert is not None:
+                self._guarded("on_alert hook", lambda: self.on_alert(report), report)
+        self._write(report)
         logs = headline_metrics(report)
         state.log_history.append({**logs, _WAIT_KEY: self.threshold.wait, "step": report.step})
         if self._handler is not None:  # lets report_to integrations (W&B, MLflow, ...) see the numbers
             self._guarded("Trainer log", lambda: self._handler.on_log(args, state, control, dict(logs)))
         if alert is None:
             return False
-        self.last_alert = alert
-        logger.warning("lora-spectral-callback: %s", alert.message())
-        if self.on_alert is not None:
-            self._guarded("on_alert hook", lambda: self.on_alert(report))
-        if (alert.nonfinite and self.stop_on_nonfinite) or (not alert.nonfinite and self.stop_training):
-            logger.warning("lora-spectral-callback: saving a checkpoint and stopping training at step %s", report.step)
-            return True
-        return False
+        return (alert.nonfinite and self.stop_on_nonfinite) or (not alert.nonfinite and self.stop_training)
+
+    def _write(self, report: SpectralReport) -> None:
+        """Write to TensorBoard; after a failure the writer retries (reopening its file) at the next measurement,
+        and after ``_MAX_WRITE_FAILURES`` consecutive failures it is dropped for the rest of the run."""
+        if self.writer is None:
+            return
+        if self._guarded("TensorBoard write", lambda: self.writer.write(report, report.step), report) is not _FAILED:
+            self._write_failures = 0
+            return
+        self._write_failures += 1
+        if self._write_failures >= _MAX_WRITE_FAILURES:
+            logger.warning(
+                "lora-spectral-callback: TensorBoard writing disabled after %d consecutive failures; measurements "
+                "continue in the Trainer's log history", self._write_failures,
+            )
+            self._guarded("TensorBoard close", self.writer.close)
+            self.writer = None
 
     def _restore_from_history(self, state: TrainerState) -> None:
         """A resumed run continues the series: last measured step and patience come back from the log history,
-        which the Trainer restores from ``trainer_state.json`` whether or not callback states are restored."""
+        which the Trainer restores from ``trainer_state.json`` whether or not callback states are restored.
+        A new run (empty history) starts afresh even if this callback object was used before."""
+        self.last_measured_step = -1
+        self.threshold.load_state_dict({"wait": 0})
         for entry in reversed(state.log_history):
             if _HISTORY_KEY in entry:
-                self.last_measured_step = max(self.last_measured_step, int(entry["step"]))
+                self.last_measured_step = int(entry["step"])
                 self.threshold.load_state_dict({"wait": entry.get(_WAIT_KEY, 0)})
                 return
 
-    def _guarded(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run ``fn``; a failure is logged and swallowed (re-raised with ``strict=True``): monitoring must not
-        take the training run down."""
+    def _guarded(self, what: str, fn: Callable[[], Any], report: SpectralReport | None = None) -> Any:
+        """Run ``fn``; a failure is logged once per (what, error type), recorded in ``report.errors`` and
+        swallowed, returning ``_FAILED`` (re-raised with ``strict=True``): monitoring must not take the
+        training run down."""
         try:
             return fn()
         except Exception as err:
             if self.config.strict:
                 raise
-            logger.warning("lora-spectral-callback: %s failed and was skipped: %s: %s", what, type(err).__name__, err)
-            return None
+            reason = f"{type(err).__name__}: {err}"
+            if report is not None:
+                report.errors[what] = reason
+            if (what, type(err).__name__) not in self._reported:
+                self._reported.add((what, type(err).__name__))
+                logger.warning("lora-spectral-callback: %s failed and was skipped (logged once): %s", what, reason)
+            return _FAILED
 
 
 def _calling_callback_handler(callback: TrainerCallback) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,9 +60,10 @@ class SpectralConfig:
     epsilons: tuple[float, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        eps = (self.epsilon,) if isinstance(self.epsilon, (int, float)) else tuple(self.epsilon)
-        object.__setattr__(self, "epsilons", tuple(float(e) for e in eps))
-        _require(isinstance(self.top_k, int) and self.top_k > 0, "top_k", self.top_k, "an integer >= 1")
+        eps = tuple(self.epsilon) if isinstance(self.epsilon, Iterable) and not isinstance(self.epsilon, str) else (self.epsilon,)
+        numbers = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in eps)
+        object.__setattr__(self, "epsilons", tuple(float(e) for e in eps) if numbers else ())
+        _require(_is_int(self.top_k) and self.top_k > 0, "top_k", self.top_k, "an integer >= 1")
         _require(
             len(self.epsilons) > 0 and all(0 < e < 1 for e in self.epsilons),
             "epsilon", self.epsilon, "a number or list of numbers strictly between 0 and 1",
@@ -70,10 +71,10 @@ class SpectralConfig:
         for name in ("compute_dtype", "basis_dtype"):
             allowed = ("float32", "float64") if name == "compute_dtype" else tuple(_DTYPES)
             _require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {allowed}")
-        _require(self.exact_below >= 0, "exact_below", self.exact_below, "an integer >= 0")
-        _require(self.oversample >= 0, "oversample", self.oversample, "an integer >= 0")
-        _require(0 < self.tol < 1, "tol", self.tol, "a number strictly between 0 and 1")
-        _require(self.max_iter >= 1, "max_iter", self.max_iter, "an integer >= 1")
+        _require(_is_int(self.exact_below) and self.exact_below >= 0, "exact_below", self.exact_below, "an integer >= 0")
+        _require(_is_int(self.oversample) and self.oversample >= 0, "oversample", self.oversample, "an integer >= 0")
+        _require(isinstance(self.tol, (int, float)) and 0 < self.tol < 1, "tol", self.tol, "a number strictly between 0 and 1")
+        _require(_is_int(self.max_iter) and self.max_iter >= 1, "max_iter", self.max_iter, "an integer >= 1")
         for name in ("include", "exclude"):
             pattern = getattr(self, name)
             if pattern is not None:
@@ -86,6 +87,11 @@ class SpectralConfig:
 def _require(ok: bool, name: str, value: object, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+
+
+def _is_int(value: object) -> bool:
+    """An integer that is not a bool (``True`` would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class SpectralMonitor:
@@ -102,12 +108,10 @@ class SpectralMonitor:
         if skipped:
             logger.warning("lora-spectral-callback cannot measure these LoRA layers yet: %s", describe_skipped(skipped))
         if not self.matrices:
-            raise ValueError(
-                "No LoRA layer to monitor"
-                + (f" matches include={self.config.include!r} exclude={self.config.exclude!r}" if self.config.include or self.config.exclude else "")
-                + ": wrap the model with peft.get_peft_model(...) and a LoraConfig first."
-            )
+            raise ValueError(_nothing_to_monitor(model, self.config.include, self.config.exclude))
         self._basis: dict[str, Tensor] = {}
+        self._shapes: dict[str, torch.Size] = {}
+        self._snapshot_errors: dict[str, tuple[type[Exception], str]] = {}
         self._warm_start: dict[str, Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._reported: set[tuple[str, str]] = set()
@@ -118,7 +122,11 @@ class SpectralMonitor:
         return _DTYPES[self.config.compute_dtype]
 
     def snapshot(self) -> None:
-        """Store the thin left singular basis of every monitored pretrained weight (idempotent)."""
+        """Store the thin left singular basis of every monitored pretrained weight (idempotent).
+
+        A layer whose snapshot fails (out of memory, NaN/Inf weight) is left out and retried at the next call;
+        ``measure`` reports the reason under that layer (``strict=True`` re-raises instead).
+        """
         todo = [m for m in self.matrices if m.name not in self._basis]
         if not todo:
             return
@@ -126,11 +134,22 @@ class SpectralMonitor:
 
         store = _DTYPES[self.config.basis_dtype]
         for matrix in tqdm(todo, desc="spectral snapshot", disable=not self.config.progress, leave=False):
-            with torch.no_grad():
-                W0 = matrix.base_weight().detach().to(self.compute_dtype)
-                if not torch.isfinite(W0).all():
-                    raise ValueError(f"pretrained weight of {matrix.name} contains NaN or Inf")
-                self._basis[matrix.name] = pretrained_left_basis(W0).to(self.config.basis_device, store)
+            try:
+                with torch.no_grad():
+                    W0 = matrix.base_weight().detach().to(self.compute_dtype)
+                    if not torch.isfinite(W0).all():
+                        raise _NonFinite("pretrained weight contains NaN or Inf")
+                    self._basis[matrix.name] = pretrained_left_basis(W0).to(self.config.basis_device, store)
+                    self._shapes[matrix.name] = W0.shape
+                    self._snapshot_errors.pop(matrix.name, None)
+            except Exception as err:
+                if self.config.strict and not isinstance(err, _NonFinite):
+                    raise
+                # Kept as text: holding the exception would keep its traceback's (device) tensors alive.
+                if isinstance(err, _NonFinite):
+                    self._snapshot_errors[matrix.name] = (_NonFinite, str(err))
+                else:
+                    self._snapshot_errors[matrix.name] = (RuntimeError, f"pretrained snapshot failed: {type(err).__name__}: {err}")
 
     def basis_bytes(self) -> int:
         """Memory held for the pretrained bases."""
@@ -144,8 +163,14 @@ class SpectralMonitor:
         layers: dict[str, LayerReport] = {}
         errors: dict[str, str] = {}
         nonfinite: list[str] = []
+        present = {id(module) for module in self.model.modules()}
         for matrix in self.matrices:
             try:
+                if id(matrix.module) not in present:
+                    raise RuntimeError("layer is no longer part of the model (removed or replaced since the snapshot)")
+                if matrix.name in self._snapshot_errors:
+                    kind, message = self._snapshot_errors[matrix.name]
+                    raise kind(message)
                 layers[matrix.name] = self.measure_matrix(matrix)
             except _NonFinite as err:
                 nonfinite.append(matrix.name)
@@ -167,9 +192,11 @@ class SpectralMonitor:
         t0 = time.perf_counter()
         basis = self._basis[matrix.name]
         W0 = matrix.base_weight().detach()
-        if W0.shape[0] != basis.shape[0]:
-            raise ValueError(f"weight shape {tuple(W0.shape)} no longer matches the snapshot ({basis.shape[0]} rows)")
+        if W0.shape != self._shapes[matrix.name]:
+            raise ValueError(f"weight shape {tuple(W0.shape)} no longer matches the snapshot {tuple(self._shapes[matrix.name])}")
         W0 = W0.to(self.compute_dtype)
+        if not torch.isfinite(W0).all():
+            raise _NonFinite("base weight contains NaN or Inf")
         op = matrix.operator(W0)
         if op.B is not None and not (torch.isfinite(op.B).all() and torch.isfinite(op.A).all()):
             raise _NonFinite("LoRA factors contain NaN or Inf")
@@ -223,6 +250,19 @@ class SpectralMonitor:
         if (name, kind) not in self._reported:
             self._reported.add((name, kind))
             logger.warning("lora-spectral-callback: %s", message)
+
+
+def _nothing_to_monitor(model: nn.Module, include: str | None, exclude: str | None) -> str:
+    """Why no layer was selected: filters that match none of the model's LoRA layers (listed), or no LoRA at all."""
+    if include or exclude:
+        available = [m.name for m in find_lora_matrices(model)[0]]
+        if available:
+            shown = ", ".join(available[:6]) + (f", ... ({len(available)} in all)" if len(available) > 6 else "")
+            return (
+                f"include={include!r} exclude={exclude!r} match none of the model's LoRA layers: "
+                f"must select at least one of: {shown}"
+            )
+    return "No LoRA layer to monitor: wrap the model with peft.get_peft_model(...) and a LoraConfig first."
 
 
 class _NonFinite(ValueError):

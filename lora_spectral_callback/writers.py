@@ -51,23 +51,49 @@ class MetricWriter(Protocol):
 
 
 class TensorBoardWriter:
-    """Writes reports to a TensorBoard run directory, flushing after each so a live ``tensorboard`` shows it."""
+    """Writes reports to a TensorBoard run directory, flushing after each so a live ``tensorboard`` shows it.
 
-    def __init__(self, log_dir: str) -> None:
+    ``purge_step`` (for a resumed run) makes TensorBoard discard events a previous run wrote at that step or
+    later, so the series never has duplicate or backwards steps (``SummaryWriter(purge_step=...)``).
+    After a failed write (full disk, read-only file system) the event file is reopened at the next write: the
+    background writer thread of a ``SummaryWriter`` dies on its first I/O error and would fail forever.
+    """
+
+    def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
+        self.log_dir = log_dir
+        self._purge_step = purge_step
+        self._writer = None
+        self._broken = False
+        self._open()
+
+    def _open(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = log_dir
-        self._writer = SummaryWriter(log_dir=log_dir)
+        self._writer = SummaryWriter(log_dir=self.log_dir, purge_step=self._purge_step)
+        self._broken = False
 
     def write(self, report: SpectralReport, step: int) -> None:
         import numpy as np
 
-        for tag, value in scalar_metrics(report).items():
-            self._writer.add_scalar(tag, value, step)
-        for name, layer in report.layers.items():
-            if layer.singular_values:
-                self._writer.add_histogram(f"spectral/singular_values/{name}", np.asarray(layer.singular_values), step)
-        self._writer.flush()
+        if self._broken:
+            self.close()
+            self._open()
+        try:
+            for tag, value in scalar_metrics(report).items():
+                self._writer.add_scalar(tag, value, step)
+            for name, layer in report.layers.items():
+                if layer.singular_values:
+                    self._writer.add_histogram(f"spectral/singular_values/{name}", np.asarray(layer.singular_values), step)
+            self._writer.flush()
+        except Exception:
+            self._broken = True
+            raise
+        self._purge_step = None  # written: a reopened file must not purge this run's own events
 
     def close(self) -> None:
-        self._writer.close()
+        """Close the event file; errors of an already broken writer (the disk is still full) are ignored."""
+        try:
+            self._writer.close()
+        except Exception:
+            if not self._broken:
+                raise

@@ -1,0 +1,93 @@
+"""A run resumed from a checkpoint continues the TensorBoard series without duplicate or backwards steps, keeps the
+alert patience, and measures against the original pretrained weights."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import time
+
+import pytest
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+from helpers import reference_counts
+from lora_spectral_callback import LoRASpectralCallback
+from training import lora_bert, make_trainer, tensorboard_scalars
+
+TAG = "spectral/intruders_total"
+
+
+def base_weights(model) -> dict[str, "torch.Tensor"]:
+    """Pretrained weights by readable layer name, copied from a model that has not trained."""
+    return {
+        name.removeprefix("base_model.model."): module.get_base_layer().weight.detach().clone()
+        for name, module in model.named_modules() if hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+    }
+
+
+def merged_weights(model, names) -> dict[str, "torch.Tensor"]:
+    """Independent reference: PEFT's own merge of the adapters into the base weights."""
+    merged = copy.deepcopy(model).merge_and_unload()
+    return {name: merged.get_submodule(name).weight.detach() for name in names}
+
+
+def raw_steps(log_dir, tag: str) -> list[int]:
+    """Steps of ``tag`` as written in all event files, without TensorBoard's purge applied."""
+    steps = []
+    for path in sorted(glob.glob(f"{log_dir}/events.out.tfevents.*")):
+        for event in EventFileLoader(path).Load():
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
+def train(tmp_path, resume=None, restore_states=False, max_steps=8, save_steps=4, **options):
+    """A fresh model and callback (as in a new process), optionally resuming from a checkpoint."""
+    callback = LoRASpectralCallback(log_dir=str(tmp_path / "tb"), progress=False, **options)
+    trainer = make_trainer(
+        tmp_path / "out", lora_bert(), [callback], max_steps=max_steps, save_strategy="steps", save_steps=save_steps,
+        restore_callback_states_from_checkpoint=restore_states,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, callback
+
+
+@pytest.mark.parametrize("restore_states", [False, True], ids=["plain", "restore_callback_states"])
+def test_resume_continues_series_against_original_weights(tmp_path, restore_states):
+    original = base_weights(lora_bert())
+    first, _ = train(tmp_path, every_n_steps=2)  # measures 0, 2, 4, 6, 8; checkpoint at 4 and 8
+    assert [s for s, _ in tensorboard_scalars(tmp_path / "tb", TAG)] == [0, 2, 4, 6, 8]
+    time.sleep(1.1)  # event file names carry the time in seconds: keep the resumed run's file sorted after
+    second, callback = train(tmp_path, resume=str(tmp_path / "out" / "checkpoint-4"), restore_states=restore_states, every_n_steps=2)
+    assert second.state.global_step == 8
+
+    # Both runs wrote 6 and 8; the resumed run's writer purges the first run's events from step 5 on.
+    assert sorted(raw_steps(tmp_path / "tb", TAG)) == [0, 2, 4, 6, 6, 8, 8]
+    series = tensorboard_scalars(tmp_path / "tb", TAG)
+    steps = [s for s, _ in series]
+    assert steps == sorted(set(steps)) == [0, 2, 4, 6, 8]
+    resumed = {e["step"]: e[TAG] for e in second.state.log_history if TAG in e}
+    assert sorted(resumed) == [0, 2, 4, 6, 8]  # 0-4 restored from the checkpoint's history, 6 and 8 measured now
+    assert dict(series)[6] == resumed[6] and dict(series)[8] == resumed[8]
+
+    # Counts after resuming equal a float64 full-SVD recount against the ORIGINAL pretrained weights.
+    totals, per_layer = reference_counts(original, merged_weights(second.model, original), [0.5])
+    report = callback.last_report
+    assert report.step == 8 and not report.errors
+    assert {name: layer.intruders for name, layer in report.layers.items()} == per_layer
+    assert report.intruders_total == totals[0.5] > 0
+
+
+@pytest.mark.parametrize("restore_states", [False, True], ids=["plain", "restore_callback_states"])
+def test_resume_keeps_alert_patience(tmp_path, restore_states):
+    """patience=2 split across the resume: one exceeded measurement before the checkpoint, one after."""
+    options = dict(every_n_steps=4, max_intruders=0, patience=2, save_steps=2)
+    first, callback = train(tmp_path, **options)  # step 0: wait 1; step 4: wait 2 -> alert, stop
+    assert first.state.global_step == 4 and callback.last_alert.step == 4
+
+    alerts = []
+    second, callback = train(tmp_path, resume=str(tmp_path / "out" / "checkpoint-2"), restore_states=restore_states, on_alert=alerts.append, **options)
+    # the resumed run measured once (step 4): without the restored wait=1 it could not have alerted
+    assert [r.step for r in alerts] == [4] and callback.last_alert.step == 4
+    assert second.state.global_step == 4
+    waits = [(e["step"], e["spectral/alert_wait"]) for e in second.state.log_history if TAG in e]
+    assert waits == [(0, 1), (4, 2)]
