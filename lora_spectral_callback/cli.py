@@ -166,7 +166,7 @@ def format_table(report: SpectralReport) -> str:
         flag = " (uncertain)" if layer.uncertain else ""
         lines.append(
             f"{name:<{width}}  {counts}  {min(layer.max_cos, default=float('nan')):>12.4f}  "
-            f"{layer.effective_rank:>8.2f}  {(layer.singular_values or [float('nan')])[0]:>9.4g}{flag}"
+            f"{layer.effective_rank:>8.2f}  {(layer.singular_values or [float('nan')])[0]:>9.3f}{flag}"
         )
     lines.append("-" * len(head))
     hit = sum(1 for layer in report.layers.values() if layer.intruders)

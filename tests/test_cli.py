@@ -49,6 +49,7 @@ def saved(tmp_path_factory):
     randomize_lora(peft_model)
     peft_model.save_pretrained(root / "adapter")
     merged = peft_model.merge_and_unload()
+    merged.save_pretrained(root / "merged")
     merged_weights = {n: m.weight.detach().clone() for n, m in merged.named_modules() if isinstance(m, torch.nn.Linear)}
     return root, base_weights, merged_weights
 
@@ -149,6 +150,19 @@ def test_finetuned_mode_matches_float64_recount(tmp_path, capsys):
     assert data["layers"]["pooler.dense"]["singular_values"][0] == pytest.approx(
         float(torch.linalg.svdvals(W["pooler.dense"].detach().double())[0]), rel=1e-5
     )
+
+
+def test_finetuned_on_the_merged_adapter_agrees_with_adapter_mode(saved, capsys):
+    """Two routes to one number: low-rank factors through the monitor, and the dense merged weights."""
+    root, _, _ = saved
+    adapter = run_json(capsys, str(root / "base"), str(root / "adapter"), "--epsilon", "0.5,0.3")
+    full = run_json(capsys, str(root / "base"), "--finetuned", str(root / "merged"), "--epsilon", "0.5,0.3")
+    for name, layer in adapter["layers"].items():
+        other = full["layers"][name.removeprefix("bert.")]  # AutoModel drops the task head's prefix
+        assert other["intruders_by_epsilon"] == layer["intruders_by_epsilon"]
+        assert other["effective_rank"] == pytest.approx(layer["effective_rank"], rel=1e-4)
+    untouched = full["layers"]["encoder.layer.0.attention.self.key"]
+    assert untouched["intruders"] == 0 and untouched["effective_rank"] == 0.0
 
 
 # -- errors: one line, exit 1, never a traceback --------------------------------------------------------------
