@@ -15,9 +15,12 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .report import LayerSpectra, SpectralReport
+
+# What a mode returns: the report, and a function giving the pictures' data for some of its layers.
+Analysis = tuple[SpectralReport, Callable[[list[str]], dict[str, LayerSpectra]]]
 
 __all__ = ["main", "format_table"]
 
@@ -84,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _analyze(args: argparse.Namespace):
-    """Load the models and measure; returns the report and a function giving pictures' data for some layers."""
+def _analyze(args: argparse.Namespace) -> Analysis:
+    """Check the arguments, load the models and measure."""
     if (args.adapter is None) == (args.finetuned is None):
         raise CLIError("give exactly one of ADAPTER_DIR or --finetuned DIR")
     if args.include is not None:
@@ -108,7 +111,7 @@ def _analyze(args: argparse.Namespace):
     return _analyze_adapter(args, epsilons)
 
 
-def _analyze_adapter(args: argparse.Namespace, epsilons: list[float]):
+def _analyze_adapter(args: argparse.Namespace, epsilons: list[float]) -> Analysis:
     from .monitor import SpectralMonitor
 
     _require_dir(args.adapter, "adapter", "adapter_config.json")
@@ -122,7 +125,7 @@ def _analyze_adapter(args: argparse.Namespace, epsilons: list[float]):
     return report, lambda names: monitor.spectra(names)
 
 
-def _analyze_finetuned(args: argparse.Namespace, epsilons: list[float]):
+def _analyze_finetuned(args: argparse.Namespace, epsilons: list[float]) -> Analysis:
     from .compare import compare_models, matching_weights
 
     _require_dir(args.finetuned, "fine-tuned model", "config.json")
@@ -136,7 +139,7 @@ def _analyze_finetuned(args: argparse.Namespace, epsilons: list[float]):
     return report, lambda names: {n: spectra[n] for n in names}
 
 
-def _write_tensorboard(args: argparse.Namespace, report: SpectralReport, spectra_for) -> None:
+def _write_tensorboard(args: argparse.Namespace, report: SpectralReport, spectra_for: Callable[[list[str]], dict[str, LayerSpectra]]) -> None:
     from .figures import figure_layers
     from .writers import TensorBoardWriter
 
@@ -147,8 +150,7 @@ def _write_tensorboard(args: argparse.Namespace, report: SpectralReport, spectra
     try:
         writer.write(report, 0)
         if args.image_layers != 0:
-            spectra: dict[str, LayerSpectra] = spectra_for(figure_layers(report, args.image_layers))
-            writer.write_figures(report, spectra, 0)
+            writer.write_figures(report, spectra_for(figure_layers(report, args.image_layers)), 0)
     finally:
         writer.close()
 
