@@ -12,6 +12,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .alerts import Alert, IntruderThreshold
 from .distributed import any_rank
+from .figures import figure_layers, require_matplotlib
 from .monitor import SpectralConfig, SpectralMonitor
 from .report import SpectralReport
 from .writers import MetricWriter, TensorBoardWriter, headline_metrics
@@ -48,6 +49,11 @@ class LoRASpectralCallback(TrainerCallback):
     ``on_alert(report)`` and, unless ``stop_training=False``, saves a checkpoint and stops training on every
     rank. NaN/Inf weights always warn and call the hook; they stop training only with ``stop_on_nonfinite``.
 
+    Pictures (|cos| heatmaps, intruder grid, spectra; need matplotlib) are off by default because each costs far
+    more than the scalars (rendering, and ~30 KB of event file per image): ``image_every_n_measurements=n``
+    draws them at the first measurement, every n-th after it and the last, for the ``image_layers`` layers with
+    the most intruders (all layers if negative).
+
     Remaining keyword options go to :class:`SpectralConfig` (``include``, ``exclude``, ``basis_dtype``, ...).
     """
 
@@ -63,13 +69,22 @@ class LoRASpectralCallback(TrainerCallback):
         on_alert: Callable[[SpectralReport], Any] | None = None,
         stop_training: bool = True,
         stop_on_nonfinite: bool = False,
+        image_every_n_measurements: int | None = None,
+        image_layers: int = 16,
         **options: Any,
     ) -> None:
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps <= 0:
             raise ValueError(f"every_n_steps={every_n_steps!r} is invalid: must be an integer >= 1")
         if on_alert is not None and not callable(on_alert):
             raise ValueError(f"on_alert={on_alert!r} is invalid: must be a callable taking a SpectralReport")
+        if image_every_n_measurements is not None:
+            if not isinstance(image_every_n_measurements, int) or image_every_n_measurements <= 0:
+                raise ValueError(f"image_every_n_measurements={image_every_n_measurements!r} is invalid: must be None or an integer >= 1")
+            require_matplotlib("image_every_n_measurements")
         self.every_n_steps = every_n_steps
+        self.image_every_n_measurements = image_every_n_measurements
+        self.image_layers = image_layers
+        self._measurements = 0
         self.options = dict(options, top_k=top_k, epsilon=epsilon)
         self.config = SpectralConfig(**self.options)  # fail now, not at train start
         self.threshold = IntruderThreshold(max_intruders, max_intruders_per_layer, patience)
@@ -140,6 +155,7 @@ class LoRASpectralCallback(TrainerCallback):
             if report is not _FAILED:
                 self.last_report = report
                 stop = self._record_and_decide(args, state, control, report)
+                self._write_pictures(report, final or step >= state.max_steps > 0)
         if not final:
             self._stop_requested = any_rank(stop)
 
@@ -178,6 +194,14 @@ class LoRASpectralCallback(TrainerCallback):
             )
             self._guarded("TensorBoard close", self.writer.close)
             self.writer = None
+
+    def _write_pictures(self, report: SpectralReport, final: bool) -> None:
+        every = self.image_every_n_measurements
+        due = every is not None and (final or self._measurements % every == 0)
+        self._measurements += 1
+        if due and self.writer is not None:
+            names = figure_layers(report, self.image_layers)
+            self._guarded("TensorBoard pictures", lambda: self.writer.write_figures(report, self.monitor.spectra(names), report.step))
 
     def _restore_from_history(self, state: TrainerState) -> None:
         """A resumed run continues the series: last measured step and patience come back from the log history,

@@ -25,7 +25,7 @@ from .metrics import (
     max_abs_cosine,
     pretrained_left_basis,
 )
-from .report import LayerReport, SpectralReport, _eps_key
+from .report import LayerReport, LayerSpectra, SpectralReport, _eps_key
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ class SpectralMonitor:
         self._shapes: dict[str, torch.Size] = {}
         self._snapshot_errors: dict[str, tuple[type[Exception], str]] = {}
         self._warm_start: dict[str, Tensor] = {}
+        self._last_vectors: dict[str, Tensor] = {}  # top-k left singular vectors of the last measurement
+        self._pretrained_sv: dict[str, Tensor] = {}  # filled lazily by spectra()
         self._generators: dict[torch.device, torch.Generator] = {}
         self._reported: set[tuple[str, str]] = set()
 
@@ -221,6 +223,7 @@ class SpectralMonitor:
                 needed_accuracy=margin, generator=self._generator(W0.device),
             )
             self._warm_start[matrix.name] = svd.U
+        self._last_vectors[matrix.name] = svd.U
         max_cos = max_abs_cosine(svd.U, basis)
         if not torch.isfinite(svd.S).all():
             raise _NonFinite("merged weight has non-finite singular values")
@@ -239,6 +242,23 @@ class SpectralMonitor:
             uncertain=uncertain,
             seconds=time.perf_counter() - t0,
         )
+
+    @torch.no_grad()
+    def spectra(self, names: Sequence[str] | None = None, n_pretrained: int | None = None) -> dict[str, LayerSpectra]:
+        """|cos| matrix and pretrained spectrum of the last measurement of ``names`` (default: all measured), for
+        pictures. ``n_pretrained`` (default ``2 * top_k``) pretrained vectors are compared; the pretrained
+        singular values cost one ``svdvals`` per layer, once, and nothing here runs unless pictures are wanted.
+        """
+        n = n_pretrained or 2 * self.config.top_k
+        by_name = {m.name: m for m in self.matrices}
+        out: dict[str, LayerSpectra] = {}
+        for name in self._last_vectors if names is None else names:
+            U, basis = self._last_vectors[name], self._basis[name]
+            if name not in self._pretrained_sv:
+                self._pretrained_sv[name] = torch.linalg.svdvals(by_name[name].base_weight().detach().double()).cpu()
+            cos = (basis[:, :n].to(U.device, U.dtype).T @ U).abs().T  # (k, n)
+            out[name] = LayerSpectra(cos.tolist(), self._pretrained_sv[name][:n].tolist())
+        return out
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """A private seeded generator per device: random fill never advances the global RNG."""

@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["LayerReport", "SpectralReport"]
+__all__ = ["LayerReport", "LayerSpectra", "SpectralReport"]
 
 
 def _eps_key(epsilon: float) -> str:
@@ -33,6 +33,19 @@ class LayerReport:
     iterations: int = 0
     uncertain: int = 0
     seconds: float = 0.0
+
+
+@dataclass
+class LayerSpectra:
+    """What a picture of one layer needs beyond its :class:`LayerReport` (paper Fig. 1 view).
+
+    ``cosines[i][j] = |<u_i, u0_j>|`` for the merged top-k left singular vectors ``u_i`` and the pretrained top-n
+    ``u0_j``; ``pretrained_singular_values`` are the top-n singular values of the pretrained weight. Not part of
+    the report (it is k x n numbers per layer): computed only when pictures are asked for.
+    """
+
+    cosines: list[list[float]]
+    pretrained_singular_values: list[float]
 
 
 @dataclass

@@ -7,13 +7,17 @@ Tags (``<layer>`` is the readable module path, ``<eps>`` formatted with ``%g``):
 - ``spectral/effective_rank/<layer>`` and ``spectral/effective_rank_mean``
 - ``spectral/singular_values/<layer>`` (histogram of the top-k singular values of the merged weight)
 - ``spectral/errors`` (layers skipped in this measurement) and ``spectral/seconds`` (time it took)
+- ``spectral/summary`` (text: totals and the top offending layers)
+- pictures, only through ``write_figures``: ``spectral/intruder_grid``, ``spectral/cosine/<layer>`` (|cos| heatmap,
+  paper Fig. 1) and ``spectral/spectrum/<layer>`` (merged vs pretrained singular values)
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from .report import SpectralReport
+from .figures import summary_markdown
+from .report import LayerSpectra, SpectralReport
 
 __all__ = ["MetricWriter", "TensorBoardWriter", "scalar_metrics", "headline_metrics"]
 
@@ -84,11 +88,26 @@ class TensorBoardWriter:
             for name, layer in report.layers.items():
                 if layer.singular_values:
                     self._writer.add_histogram(f"spectral/singular_values/{name}", np.asarray(layer.singular_values), step)
+            self._writer.add_text("spectral/summary", summary_markdown(report), step)
             self._writer.flush()
         except Exception:
             self._broken = True
             raise
         self._purge_step = None  # written: a reopened file must not purge this run's own events
+
+    def write_figures(self, report: SpectralReport, spectra: dict[str, LayerSpectra], step: int) -> None:
+        """The pictures (needs matplotlib): the model-wide intruder grid, and a |cos| heatmap and a spectrum for
+        each layer in ``spectra``."""
+        from .figures import cosine_heatmap, intruder_grid, render_rgb, spectrum_plot
+
+        images = {"spectral/intruder_grid": intruder_grid(report)}
+        for name, data in spectra.items():
+            layer = report.layers[name]
+            images[f"spectral/cosine/{name}"] = cosine_heatmap(name, layer, data, report.epsilon)
+            images[f"spectral/spectrum/{name}"] = spectrum_plot(name, layer, data)
+        for tag, fig in images.items():
+            self._writer.add_image(tag, render_rgb(fig), step, dataformats="HWC")
+        self._writer.flush()
 
     def close(self) -> None:
         """Close the event file; errors of an already broken writer (the disk is still full) are ignored."""

@@ -1,0 +1,247 @@
+"""``lora-spectral``: measure a saved LoRA adapter (or a fully fine-tuned model) against its base model, post hoc.
+
+    lora-spectral analyze BASE_DIR ADAPTER_DIR [--json] [--tensorboard DIR] [--top-k K] [--epsilon E[,E...]]
+    lora-spectral analyze BASE_DIR --finetuned TUNED_DIR [...]
+
+Everything numerical is the library's: adapters go through :class:`SpectralMonitor`, full fine-tunes through
+:mod:`compare`; this module only loads, prints and turns every expected failure into one line on stderr
+(``lora-spectral: error: ...``, exit 1) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+from .report import LayerSpectra, SpectralReport
+
+# What a mode returns: the report, and a function giving the pictures' data for some of its layers.
+Analysis = tuple[SpectralReport, Callable[[list[str]], dict[str, LayerSpectra]]]
+
+__all__ = ["main", "format_table"]
+
+# PEFT task_type -> the transformers Auto class whose module names the adapter was saved against.
+_AUTO_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+class CLIError(Exception):
+    """An expected failure: printed as one line, exit status 1."""
+
+
+def _epsilons(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or comma-separated list of numbers") from None
+    if not values or not all(0 < e < 1 for e in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every epsilon must be strictly between 0 and 1")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-spectral", description="Intruder dimensions of a fine-tune (arXiv 2410.21228).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("analyze", help="measure an adapter or a fine-tuned model against its base model")
+    p.add_argument("base", metavar="BASE_DIR", help="saved pretrained model (save_pretrained directory)")
+    p.add_argument("adapter", metavar="ADAPTER_DIR", nargs="?", help="saved PEFT LoRA adapter directory")
+    p.add_argument("--finetuned", metavar="DIR", help="compare a fully fine-tuned model instead of an adapter")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (SpectralReport.to_dict()) instead of a table")
+    p.add_argument("--tensorboard", metavar="DIR", help="also write the callback's TensorBoard tags and pictures to DIR")
+    p.add_argument("--top-k", type=_positive_int, default=10, help="top singular vectors examined per matrix (default 10)")
+    p.add_argument("--epsilon", type=_epsilons, action="append", metavar="E[,E...]",
+                   help="intruder threshold(s) on max |cos|, repeatable; the first is primary (default 0.5)")
+    p.add_argument("--include", metavar="REGEX", help="only layers whose name matches this regular expression")
+    p.add_argument("--image-layers", type=int, default=16, metavar="N",
+                   help="per-layer pictures for the N layers with most intruders with --tensorboard (0: none, -1: all; default 16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lora-spectral`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        report, spectra_for = _analyze(args)
+        if args.tensorboard:
+            _write_tensorboard(args, report, spectra_for)
+    except CLIError as err:
+        print(f"lora-spectral: error: {err}", file=sys.stderr)
+        return 1
+    print(report.to_json(indent=2) if args.json else format_table(report))
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> Analysis:
+    """Check the arguments, load the models and measure."""
+    if (args.adapter is None) == (args.finetuned is None):
+        raise CLIError("give exactly one of ADAPTER_DIR or --finetuned DIR")
+    if args.include is not None:
+        try:
+            re.compile(args.include)
+        except re.error as err:
+            raise CLIError(f"--include {args.include!r} is not a valid regular expression: {err}") from None
+    if args.tensorboard and args.image_layers != 0:
+        from .figures import require_matplotlib
+
+        try:
+            require_matplotlib("--tensorboard pictures (use --image-layers 0 for scalars only)")
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+    epsilons = [e for group in (args.epsilon or [[0.5]]) for e in group]
+    _require_dir(args.base, "base model", "config.json")
+    _quiet_transformers()
+    if args.finetuned is not None:
+        return _analyze_finetuned(args, epsilons)
+    return _analyze_adapter(args, epsilons)
+
+
+def _analyze_adapter(args: argparse.Namespace, epsilons: list[float]) -> Analysis:
+    from .monitor import SpectralMonitor
+
+    _require_dir(args.adapter, "adapter", "adapter_config.json")
+    model = _load_adapter(args.base, args.adapter)
+    try:
+        monitor = SpectralMonitor(model, top_k=args.top_k, epsilon=epsilons, include=args.include, progress=not args.no_progress)
+    except ValueError as err:
+        raise CLIError(_one_line(err)) from None
+    monitor.snapshot()
+    report = monitor.measure(step=None)
+    return report, lambda names: monitor.spectra(names)
+
+
+def _analyze_finetuned(args: argparse.Namespace, epsilons: list[float]) -> Analysis:
+    from .compare import compare_models, matching_weights
+
+    _require_dir(args.finetuned, "fine-tuned model", "config.json")
+    base, tuned = _load_auto(args.base, "AutoModel"), _load_auto(args.finetuned, "AutoModel")
+    try:
+        pairs = matching_weights(base, tuned, args.include)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    n_pretrained = 2 * args.top_k if args.tensorboard else None
+    report, spectra = compare_models(pairs, args.top_k, epsilons, n_pretrained=n_pretrained, progress=not args.no_progress)
+    return report, lambda names: {n: spectra[n] for n in names}
+
+
+def _write_tensorboard(args: argparse.Namespace, report: SpectralReport, spectra_for: Callable[[list[str]], dict[str, LayerSpectra]]) -> None:
+    from .figures import figure_layers
+    from .writers import TensorBoardWriter
+
+    try:
+        writer = TensorBoardWriter(args.tensorboard)
+    except OSError as err:
+        raise CLIError(f"--tensorboard {args.tensorboard!r} cannot be written: {err}") from None
+    try:
+        writer.write(report, 0)
+        if args.image_layers != 0:
+            writer.write_figures(report, spectra_for(figure_layers(report, args.image_layers)), 0)
+    finally:
+        writer.close()
+
+
+def format_table(report: SpectralReport) -> str:
+    """Human-readable per-layer table and totals (one intruder column per epsilon, primary first)."""
+    eps = list(report.intruders_total_by_epsilon)
+    names = list(report.layers)
+    width = max([len("layer")] + [len(n) for n in names])
+    head = f"{'layer':<{width}}  " + "  ".join(f"{'intr@' + e:>9}" for e in eps) + f"  {'min max|cos|':>12}  {'eff.rank':>8}  {'top σ':>9}"
+    lines = [head, "-" * len(head)]
+    for name in names:
+        layer = report.layers[name]
+        counts = "  ".join(f"{layer.intruders_by_epsilon[e]:>9}" for e in eps)
+        flag = " (uncertain)" if layer.uncertain else ""
+        lines.append(
+            f"{name:<{width}}  {counts}  {min(layer.max_cos, default=float('nan')):>12.4f}  "
+            f"{layer.effective_rank:>8.2f}  {(layer.singular_values or [float('nan')])[0]:>9.3f}{flag}"
+        )
+    lines.append("-" * len(head))
+    hit = sum(1 for layer in report.layers.values() if layer.intruders)
+    others = "".join(f"; at ε={e}: {report.intruders_total_by_epsilon[e]}" for e in eps[1:])
+    lines.append(
+        f"total: {report.intruders_total} intruder dimension(s) at ε={eps[0]} in {hit}/{len(names)} layers{others}; "
+        f"mean effective rank {report.effective_rank_mean:.2f}; {report.seconds:.2f} s"
+    )
+    for name, error in report.errors.items():
+        lines.append(f"skipped {name}: {error}")
+    return "\n".join(lines)
+
+
+# -- loading -----------------------------------------------------------------------------------------------
+def _require_dir(path: str, what: str, marker: str) -> None:
+    if not os.path.isdir(path):
+        raise CLIError(f"{what} directory {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, marker)):
+        raise CLIError(f"{what} directory {path!r} has no {marker} (not a save_pretrained directory?)")
+
+
+def _quiet_transformers() -> None:
+    """Loading chatter (unused/newly initialised head weights) would bury the table; errors still surface."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _load_auto(path: str, auto_class: str):
+    import transformers
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return getattr(transformers, auto_class).from_pretrained(path)
+    except Exception as err:
+        raise CLIError(f"cannot load {path!r} with {auto_class}: {_one_line(err)}") from None
+
+
+def _load_adapter(base_dir: str, adapter_dir: str):
+    """Base model with the adapter attached (unmerged), after checking the adapter is LoRA."""
+    from peft import PeftConfig, PeftModel, PeftType
+
+    try:
+        config = PeftConfig.from_pretrained(adapter_dir)
+    except Exception as err:
+        raise CLIError(f"cannot read adapter config in {adapter_dir!r}: {_one_line(err)}") from None
+    if config.peft_type != PeftType.LORA:
+        raise CLIError(f"adapter {adapter_dir!r} is a {config.peft_type.value} adapter, not LoRA")
+    task = getattr(config.task_type, "value", config.task_type)
+    base = _load_auto(base_dir, _AUTO_CLASSES.get(task, "AutoModel"))
+    targets = config.target_modules
+    if isinstance(targets, (list, set, tuple)):  # a str is a regex: PEFT's own error covers it
+        names = [name for name, _ in base.named_modules()]
+        if not any(n == t or n.endswith("." + t) for t in targets for n in names):
+            raise CLIError(f"none of the adapter's target modules {sorted(targets)} is in base model {base_dir!r} "
+                           f"({type(base).__name__}): base/adapter mismatch")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return PeftModel.from_pretrained(base, adapter_dir)
+    except Exception as err:
+        raise CLIError(f"adapter {adapter_dir!r} does not fit base model {base_dir!r}: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """The informative part of an exception as one line (the first size mismatch of a load_state_dict error)."""
+    text = str(err)
+    mismatch = re.search(r"size mismatch for [^\n]*", text)
+    line = " ".join((mismatch.group(0) if mismatch else text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+if __name__ == "__main__":
+    sys.exit(main())
