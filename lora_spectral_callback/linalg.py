@@ -103,7 +103,7 @@ def _rayleigh_ritz(M: LowRankUpdatedMatrix, Q: Tensor) -> tuple[Tensor, Tensor, 
     return Q @ Us, S, Qz @ Wh.T
 
 
-def _ritz_vector_error(S: Tensor, R: Tensor, k: int) -> Tensor:
+def _ritz_vector_error(S: Tensor, R: Tensor, k: int, full: bool = False) -> Tensor:
     """Bound on ``||u_ritz - u_true||`` for each of the top-k Ritz left vectors.
 
     Saad 2011, Thm. 4.6 with the Davis-Kahan sin-theta theorem, applied to every leading sub-block
@@ -114,7 +114,8 @@ def _ritz_vector_error(S: Tensor, R: Tensor, k: int) -> Tensor:
     bound, so the smallest is kept: a slowly converging bottom of the block does not spoil the top, and a
     near-tie between S_k and S_{k+1} is bridged by a larger sub-block. The bound is second order in ``gamma``
     for clustered values. An angle bound also bounds the change of any cosine with a fixed unit vector, which
-    is what the intruder test needs. (The spectrum beyond the block is assumed below the block's last Ritz value.)
+    is what the intruder test needs. (The spectrum beyond the block is assumed below the block's last Ritz value;
+    a ``full`` block spans the whole column space, so nothing lies beyond it.)
     """
     tiny = torch.finfo(S.dtype).tiny
     lam = S**2
@@ -122,9 +123,10 @@ def _ritz_vector_error(S: Tensor, R: Tensor, k: int) -> Tensor:
     gaps = (lam[:, None] - lam[None, :]).abs()
     gaps.fill_diagonal_(float("inf"))
     delta = gaps.min(dim=1).values.clamp_min(tiny)[:k]
-    j = torch.arange(k - 1, S.numel() - 1, device=S.device)  # last column of each sub-block
+    beyond = torch.cat([lam[1:], lam.new_zeros(1)]) if full else lam[1:]  # top of the spectrum past column j
+    j = torch.arange(k - 1, beyond.numel(), device=S.device)  # last column of each sub-block
     g = gamma[j][:, None]  # (blocks, 1)
-    outside = (lam[None, :k] - lam[j + 1][:, None]).clamp_min(tiny)  # (blocks, k)
+    outside = (lam[None, :k] - beyond[j][:, None]).clamp_min(tiny)  # (blocks, k)
     bounds = g / outside * torch.sqrt(1 + (g / delta[None, :]) ** 2)
     return bounds.amin(dim=0).clamp(max=2.0) if bounds.numel() else torch.full_like(delta, 2.0)
 
@@ -138,6 +140,7 @@ def top_singular_triplets(
     tol: float = 1e-2,
     max_iter: int = 100,
     stall_patience: int = 5,
+    max_block: int | None = None,
     needed_accuracy: Callable[[Tensor], Tensor] | None = None,
     generator: torch.Generator | None = None,
 ) -> TopSVD:
@@ -148,37 +151,50 @@ def top_singular_triplets(
     the block to ``k + oversample`` (the global RNG is never touched).
 
     Iteration stops once every top-k vector's error bound is below ``tol`` and below what
-    ``needed_accuracy(U_k)`` asks per vector (the distance of its cosine from a decision threshold), or after
-    ``max_iter`` iterations or ``stall_patience`` iterations without the bound shrinking (then ``converged`` is
-    False: some decision is closer to its threshold than fp32 arithmetic can resolve).
+    ``needed_accuracy(U_k)`` asks per vector (the distance of its cosine from a decision threshold; a vector
+    whose cosine is certainly closer to a threshold than that allows is left as it is — no iteration can
+    decide it). When the bound stops shrinking for ``stall_patience`` iterations (singular values too close for
+    the block to separate them) the block is doubled with fresh Gaussian columns, up to ``max_block`` columns
+    (default ``8 * (k + oversample)``; a block spanning the whole space is exact). ``converged`` is False only
+    if ``max_iter`` or a stall at the largest block ended the iteration.
     """
     m, n = M.shape
     k = min(k, m, n)
     p = min(k + oversample, m, n)
+    max_block = min(max_block or 8 * (k + oversample), m, n)
     cols = [] if start is None else [start[:, : min(start.shape[1], m)]]
     if M.B is not None:
         cols.append(M.B)
     have = sum(c.shape[1] for c in cols)
     if have < p:
-        cols.append(torch.randn(m, p - have, dtype=M.W0.dtype, device=M.W0.device, generator=generator))
-    # Tall-enough block: never more columns than the matrix has rank room for.
+        cols.append(_gaussian(M, p - have, generator))
     Q = _orthonormal_basis(torch.cat(cols, dim=1)[:, : min(m, n)])
     best, stalled = float("inf"), 0
     for it in range(1, max_iter + 1):
         U, S, V = _rayleigh_ritz(M, Q)
         MV = M.matmul(V)
-        error = _ritz_vector_error(S, MV - U * S, k)
-        wanted = torch.full_like(error, tol)
-        if bool((error <= tol).all()) and needed_accuracy is not None:  # only then is the margin worth computing
-            wanted = torch.minimum(wanted, needed_accuracy(U[:, :k]))
-        unsettled = error > wanted
+        error = _ritz_vector_error(S, MV - U * S, k, full=Q.shape[1] >= min(m, n))
+        unsettled = error > tol
+        if not bool(unsettled.any()) and needed_accuracy is not None:  # only then is the margin worth computing
+            needed = needed_accuracy(U[:, :k])
+            unsettled = (error > needed) & (needed + error > 0)
         if not bool(unsettled.any()):
             return TopSVD(U[:, :k], S[:k], V[:, :k], error, it, True)
-        # A cosine sitting on a threshold (closer than the working precision can resolve) never settles: stop
-        # once the error bound has stopped shrinking instead of burning max_iter iterations.
+        # (Only an informative bound counts: far from convergence it sits at its cap of 2 for a while.)
         worst = float(error[unsettled].max())
-        best, stalled = (worst, 0) if worst < 0.7 * best else (best, stalled + 1)
-        if stalled >= stall_patience:
-            break
+        if worst < 0.7 * best:
+            best, stalled = worst, 0
+        elif worst < 1.0:
+            stalled += 1
         Q = _orthonormal_basis(MV)  # one step of subspace iteration: span(M M^T Q)
+        if stalled >= stall_patience:
+            if Q.shape[1] >= max_block:
+                break
+            grow = min(Q.shape[1], max_block - Q.shape[1])
+            Q = _orthonormal_basis(torch.cat([Q, _gaussian(M, grow, generator)], dim=1))
+            best, stalled = float("inf"), 0
     return TopSVD(U[:, :k], S[:k], V[:, :k], error, it, False)
+
+
+def _gaussian(M: LowRankUpdatedMatrix, columns: int, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(M.shape[0], columns, dtype=M.W0.dtype, device=M.W0.device, generator=generator)

@@ -213,7 +213,7 @@ def test_bad_options_are_usage_errors(saved, capsys):
         assert exit_.value.code == 2
         assert "lora-spectral analyze: error: argument" in capsys.readouterr().err
     assert_error(capsys, ["analyze", str(root / "base"), str(root / "adapter"), "--include", "("], "--include", "regular expression")
-    assert_error(capsys, ["analyze", str(root / "base"), str(root / "adapter"), "--include", "nomatch"], "No LoRA layer to monitor")
+    assert_error(capsys, ["analyze", str(root / "base"), str(root / "adapter"), "--include", "nomatch"], "match none of the model's LoRA layers")
 
 
 def test_peft_reference_loads_the_same_adapter(saved):

@@ -1,0 +1,48 @@
+"""The CUDA path: a bf16 model on the GPU is measured on the GPU in fp32, with counts equal to a float64 CPU recount.
+Skipped where there is no GPU (CI); run on a GPU machine with ``python -m pytest tests/test_cuda.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import reference_counts, tiny_bert
+from peft import LoraConfig, get_peft_model
+from test_callback import RandomTokens, read_scalars, weights_by_name
+from test_layers import randomize_lora
+
+from lora_spectral_callback import LoRASpectralCallback, SpectralMonitor
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("exact_below", [512, 0], ids=["exact-svd", "iterative"])
+def test_bf16_model_on_gpu_matches_float64_recount(exact_below):
+    model = get_peft_model(tiny_bert(hidden=256), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    randomize_lora(model, scale=0.1, seed=11)
+    model = model.to("cuda", torch.bfloat16)
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state()
+    report = SpectralMonitor(model, epsilon=[0.5, 0.3, 0.7], exact_below=exact_below, progress=False).measure(0)
+    assert torch.equal(torch.get_rng_state(), cpu_rng) and torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+    assert not report.errors
+    base, merged = weights_by_name(model.to("cpu"))
+    totals, per_layer = reference_counts(base, merged, [0.5, 0.3, 0.7])
+    assert report.intruders_total_by_epsilon == {"0.5": totals[0.5], "0.3": totals[0.3], "0.7": totals[0.7]}
+    assert {n: r.intruders for n, r in report.layers.items()} == per_layer
+
+
+def test_trainer_on_gpu(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    callback = LoRASpectralCallback(every_n_steps=5, log_dir=str(tmp_path / "tb"), progress=False)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=10, learning_rate=5e-2, per_device_train_batch_size=8,
+        save_strategy="no", report_to=[], bf16=True, disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[callback]).train()
+    scalars, _ = read_scalars(str(tmp_path / "tb"))
+    assert sorted(scalars["spectral/intruders_total"]) == [0, 5, 10]
+    base, merged = weights_by_name(model.to("cpu"))
+    totals, _ = reference_counts(base, merged, [0.5])
+    assert scalars["spectral/intruders_total"][10] == totals[0.5]
