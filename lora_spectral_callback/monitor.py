@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .layers import MonitoredMatrix, describe_skipped, find_lora_matrices
+from .full_finetune import DenseMatrix, find_dense_matrices
+from .layers import MonitoredMatrix, describe_skipped, find_lora_matrices, has_lora_layers
 from .linalg import exact_top_singular_triplets, top_singular_triplets
 from .metrics import (
     basis_rounding_error,
     count_intruders,
     effective_rank,
-    low_rank_singular_values,
     max_abs_cosine,
     pretrained_left_basis,
 )
@@ -41,6 +41,11 @@ class SpectralConfig:
     ``epsilon`` may be one threshold or several (the first is primary: totals, alerts); all come from one
     decomposition. ``basis_dtype`` is how the pretrained bases are stored: float16 halves memory and moves a
     cosine by at most 4.9e-4, which the solver accounts for when deciding a count.
+
+    ``mode``: ``"lora"`` monitors PEFT LoRA layers; ``"full"`` monitors plain Linear/Conv1D/Embedding/conv layers
+    of a fully fine-tuned model against a copy of their pretrained weights taken at construction, stored in
+    ``weight_copy_dtype`` on ``basis_device`` (see :mod:`.full_finetune`); ``"auto"`` picks ``"lora"`` iff the model
+    has LoRA layers.
     """
 
     top_k: int = 10
@@ -57,6 +62,8 @@ class SpectralConfig:
     seed: int = 0
     strict: bool = False
     progress: bool = True
+    mode: str = "auto"
+    weight_copy_dtype: str = "float32"
     epsilons: tuple[float, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +77,8 @@ class SpectralConfig:
         for name in ("compute_dtype", "basis_dtype"):
             allowed = ("float32", "float64") if name == "compute_dtype" else tuple(_DTYPES)
             _require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {allowed}")
+        _require(self.mode in ("auto", "lora", "full"), "mode", self.mode, "one of ('auto', 'lora', 'full')")
+        _require(self.weight_copy_dtype in _DTYPES, "weight_copy_dtype", self.weight_copy_dtype, f"one of {tuple(_DTYPES)}")
         _require(self.exact_below >= 0, "exact_below", self.exact_below, "an integer >= 0")
         _require(self.oversample >= 0, "oversample", self.oversample, "an integer >= 0")
         _require(0 < self.tol < 1, "tol", self.tol, "a number strictly between 0 and 1")
@@ -98,14 +107,25 @@ class SpectralMonitor:
     def __init__(self, model: nn.Module, **options) -> None:
         self.config = SpectralConfig(**options)
         self.model = model
-        self.matrices, skipped = find_lora_matrices(model, self.config.include, self.config.exclude)
-        if skipped:
-            logger.warning("lora-spectral-callback cannot measure these LoRA layers yet: %s", describe_skipped(skipped))
+        cfg = self.config
+        self.mode = cfg.mode if cfg.mode != "auto" else ("lora" if has_lora_layers(model) else "full")
+        self.matrices: list[MonitoredMatrix | DenseMatrix]
+        if self.mode == "full":
+            self.matrices = find_dense_matrices(model, cfg.include, cfg.exclude, _DTYPES[cfg.weight_copy_dtype], cfg.basis_device)
+            copied = sum(m.copy_bytes() for m in self.matrices)
+            log = logger.warning if cfg.mode == "auto" else logger.info  # say so loudly if it was not asked for
+            log("lora-spectral-callback: %sfull fine-tuning mode: %d matrices, %.1f MB of pretrained weight copies",
+                "no LoRA layer found, " if cfg.mode == "auto" else "", len(self.matrices), copied / 1e6)
+        else:
+            self.matrices, skipped = find_lora_matrices(model, cfg.include, cfg.exclude)
+            if skipped:
+                logger.warning("lora-spectral-callback cannot measure these LoRA layers yet: %s", describe_skipped(skipped))
         if not self.matrices:
+            kind = "LoRA layer" if self.mode == "lora" else "Linear/Conv1D/Embedding/conv layer"
             raise ValueError(
-                "No LoRA layer to monitor"
-                + (f" matches include={self.config.include!r} exclude={self.config.exclude!r}" if self.config.include or self.config.exclude else "")
-                + ": wrap the model with peft.get_peft_model(...) and a LoraConfig first."
+                f"No {kind} to monitor"
+                + (f" matches include={cfg.include!r} exclude={cfg.exclude!r}" if cfg.include or cfg.exclude else "")
+                + (": wrap the model with peft.get_peft_model(...) and a LoraConfig first." if self.mode == "lora" else ".")
             )
         self._basis: dict[str, Tensor] = {}
         self._warm_start: dict[str, Tensor] = {}
@@ -161,7 +181,7 @@ class SpectralMonitor:
         )
 
     @torch.no_grad()
-    def measure_matrix(self, matrix: MonitoredMatrix) -> LayerReport:
+    def measure_matrix(self, matrix: MonitoredMatrix | DenseMatrix) -> LayerReport:
         """Top-k singular triplets of one merged weight, their max |cos| with the pretrained basis, and ranks."""
         cfg = self.config
         t0 = time.perf_counter()
@@ -199,8 +219,8 @@ class SpectralMonitor:
             raise _NonFinite("merged weight has non-finite singular values")
         uncertain = int((margin(svd.U) < svd.error).sum())
         counts = count_intruders(max_cos, cfg.epsilons)
-        factors = matrix.update_factors(torch.float64, W0.device)
-        rank = effective_rank(low_rank_singular_values(*factors)) if factors else 0.0
+        update_sv = matrix.update_singular_values(W0.device)
+        rank = effective_rank(update_sv) if update_sv is not None else 0.0
         return LayerReport(
             intruders=counts[cfg.epsilons[0]],
             intruders_by_epsilon={_eps_key(e): n for e, n in counts.items()},
