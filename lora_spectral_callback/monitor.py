@@ -195,6 +195,8 @@ class SpectralMonitor:
             raise _NonFinite("LoRA factors contain NaN or Inf")
         if op.row_scale is not None and not torch.isfinite(op.row_scale).all():
             raise _NonFinite("DoRA row scale contains NaN or Inf")
+        if isinstance(matrix, DenseMatrix) and not torch.isfinite(op.W0).all():
+            raise _NonFinite("fine-tuned weight contains NaN or Inf")
 
         slack = basis_rounding_error(basis.dtype)
         epsilons = torch.tensor(cfg.epsilons, dtype=W0.dtype, device=W0.device)

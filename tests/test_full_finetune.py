@@ -109,3 +109,31 @@ def test_small_lr_full_finetune_of_real_minilm_has_no_invented_intruders():
         report = monitor.measure(step=30)
         assert_matches(report, totals, per_layer, ranks)
         assert report.intruders_total == 0
+
+
+def test_callback_full_finetune_with_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from helpers import RandomTokens
+    from lora_spectral_callback import LoRASpectralCallback
+
+    model = tiny_bert(hidden=64)
+    pretrained = copy.deepcopy(model)
+    callback = LoRASpectralCallback(every_n_steps=2, epsilon=EPS, include=r"query|value", log_dir=str(tmp_path / "tb"), progress=False, strict=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=RandomTokens(n=32), callbacks=[callback]).train()
+    assert callback.monitor.mode == "full"
+    report = callback.last_report
+    assert report.step == 4 and len(report.layers) == 4
+    assert_matches(report, *recount(callback.monitor, pretrained))
+
+
+def test_nonfinite_full_finetune_weight_is_reported():
+    model = tiny_bert(hidden=64)
+    monitor = SpectralMonitor(model, include=r"query", progress=False)
+    monitor.snapshot()
+    with torch.no_grad():
+        monitor.matrices[0].module.weight[0, 0] = float("nan")
+    report = monitor.measure(step=1)
+    assert report.nonfinite_layers == [monitor.matrices[0].name]

@@ -58,6 +58,9 @@ def check_against_merge(peft_model: nn.Module, base_model: nn.Module, k: int = 1
     assert report.errors == {}
     assert {n: r.intruders for n, r in report.layers.items()} == per_layer
     assert report.intruders_total_by_epsilon == {f"{e:g}": totals[e] for e in EPS}
+    for matrix in monitor.matrices:  # the operator *is* PEFT's merged weight, entry by entry
+        dense = matrix.operator(matrix.base_weight().detach().double()).dense()
+        torch.testing.assert_close(dense, merged[matrix.name].double(), rtol=1e-5, atol=1e-6)
     for name in names:  # the top singular values are the merged weight's own
         S = torch.linalg.svdvals(merged[name].double())[:k]
         torch.testing.assert_close(torch.tensor(report.layers[name].singular_values, dtype=torch.float64), S, rtol=1e-4, atol=1e-5)
