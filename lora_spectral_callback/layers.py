@@ -11,7 +11,9 @@ of the linear map it applies (left singular vectors live in its output space):
 - ``lora.Conv1d/Conv2d/Conv3d``: the kernel flattened to ``(out_channels, in_channels * prod(kernel_size))``.
   PEFT's ``lora_B`` is a 1x1 conv, so the merged kernel ``W0 + s * conv(A, B)`` flattens to
   ``W0_flat + s * B_flat @ A_flat`` exactly, and DoRA's per-output-channel norm is a row norm of that matrix.
-- Quantized bases (bitsandbytes 4/8-bit, HQQ, torchao) are dequantized with PEFT's ``dequantize_module_weight``.
+- ``target_parameters`` (``ParamWrapper``) on a 2-D parameter: the parameter as stored, like ``nn.Linear.weight``
+  (PEFT's own delta is ``B @ A`` in that layout); 3-D expert tensors are not supported.
+- Quantized bases (bitsandbytes 4/8-bit) are dequantized with PEFT's ``dequantize_module_weight``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class MonitoredMatrix:
         """Pretrained weight in (out, in) layout (see the module docstring), dequantized if the base is quantized."""
         from peft.utils.integrations import dequantize_module_weight
 
+        if hasattr(self.module, "get_param"):  # target_parameters (ParamWrapper): a 2-D parameter, used as stored
+            return self.module.get_param()
         base = self.module.get_base_layer()
         W = base.weight if base.weight.is_floating_point() else dequantize_module_weight(base)
         if self.is_embedding or getattr(self.module, "fan_in_fan_out", False):
@@ -128,9 +132,13 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     from peft.tuners.lora import Embedding, Linear, ParamWrapper
     from peft.tuners.lora.layer import _ConvNd
 
-    if isinstance(module, ParamWrapper) or not hasattr(module, "get_base_layer"):
+    if not hasattr(module, "get_base_layer"):
         return f"layer type {type(module).__name__}"
     base = module.get_base_layer()
+    if isinstance(module, ParamWrapper):
+        if module.num_experts != 1 or module.get_param().dim() != 2:
+            return "target_parameters on a 3-D (expert) parameter"
+        return "DoRA/variant on target_parameters" if getattr(module, "lora_variant", {}) else None
     weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return f"base weight {type(weight).__name__}"

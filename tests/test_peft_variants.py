@@ -168,11 +168,11 @@ def test_bitsandbytes_4bit_and_8bit_bases_are_dequantized():
     assert sum(per_layer.values()) > 0
 
 
-def test_target_parameters_is_reported_as_not_measurable(caplog):
+def test_target_parameters_on_a_2d_weight_matches_merge_and_unload():
     base = tiny_bert(hidden=64)
-    config = LoraConfig(r=4, target_modules=["query"], target_parameters=["attention.self.value.weight"])
-    model = get_peft_model(base, config)
-    with caplog.at_level(logging.WARNING):
-        monitor = SpectralMonitor(model, progress=False)
-    assert all(m.name.endswith("query") for m in monitor.matrices)
-    assert "ParamWrapper" in caplog.text
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query"], target_parameters=["attention.self.value.weight"])
+    model = get_peft_model(copy.deepcopy(base), config)
+    randomize_lora(model, scale=0.7, seed=6)
+    per_layer = check_against_merge(model, base)
+    assert len(per_layer) == 4 and "bert.encoder.layer.0.attention.self.value" in per_layer
+    assert sum(per_layer.values()) > 0
