@@ -30,7 +30,7 @@ from .metrics import low_rank_singular_values
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MonitoredMatrix", "find_lora_matrices", "has_lora_layers", "describe_skipped", "readable_name"]
+__all__ = ["MonitoredMatrix", "find_lora_matrices", "has_peft_layers", "describe_skipped", "readable_name"]
 
 _PEFT_PREFIXES = ("base_model.model.", "base_model.")
 
@@ -164,11 +164,12 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
-def has_lora_layers(model: nn.Module) -> bool:
-    """Whether PEFT has put any LoRA layer into ``model`` (decides ``mode="auto"``)."""
-    from peft.tuners.lora import LoraLayer
+def has_peft_layers(model: nn.Module) -> bool:
+    """Whether PEFT has put any adapter layer (LoRA or another tuner) into ``model``; decides ``mode="auto"``, so
+    that a LoHa/VeRA/... model is refused in LoRA mode rather than measured as an unchanging "full" fine-tune."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return any(isinstance(m, LoraLayer) for m in model.modules())
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
 def find_lora_matrices(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .full_finetune import DenseMatrix, find_dense_matrices
-from .layers import MonitoredMatrix, describe_skipped, find_lora_matrices, has_lora_layers
+from .layers import MonitoredMatrix, describe_skipped, find_lora_matrices, has_peft_layers
 from .linalg import exact_top_singular_triplets, top_singular_triplets
 from .metrics import (
     basis_rounding_error,
@@ -44,8 +44,8 @@ class SpectralConfig:
 
     ``mode``: ``"lora"`` monitors PEFT LoRA layers; ``"full"`` monitors plain Linear/Conv1D/Embedding/conv layers
     of a fully fine-tuned model against a copy of their pretrained weights taken at construction, stored in
-    ``weight_copy_dtype`` on ``basis_device`` (see :mod:`.full_finetune`); ``"auto"`` picks ``"lora"`` iff the model
-    has LoRA layers.
+    ``weight_copy_dtype`` on ``basis_device`` (see :mod:`.full_finetune`); ``"auto"`` picks ``"lora"`` iff PEFT
+    has put adapter layers into the model.
     """
 
     top_k: int = 10
@@ -108,7 +108,7 @@ class SpectralMonitor:
         self.config = SpectralConfig(**options)
         self.model = model
         cfg = self.config
-        self.mode = cfg.mode if cfg.mode != "auto" else ("lora" if has_lora_layers(model) else "full")
+        self.mode = cfg.mode if cfg.mode != "auto" else ("lora" if has_peft_layers(model) else "full")
         self.matrices: list[MonitoredMatrix | DenseMatrix]
         if self.mode == "full":
             self.matrices = find_dense_matrices(model, cfg.include, cfg.exclude, _DTYPES[cfg.weight_copy_dtype], cfg.basis_device)

@@ -137,3 +137,11 @@ def test_nonfinite_full_finetune_weight_is_reported():
         monitor.matrices[0].module.weight[0, 0] = float("nan")
     report = monitor.measure(step=1)
     assert report.nonfinite_layers == [monitor.matrices[0].name]
+
+
+def test_auto_mode_refuses_other_peft_tuners():
+    from peft import LoHaConfig, get_peft_model
+
+    model = get_peft_model(tiny_bert(), LoHaConfig(r=4, target_modules=["query"]))
+    with pytest.raises(ValueError, match="No LoRA layer"):
+        SpectralMonitor(model, progress=False)
