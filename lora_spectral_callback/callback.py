@@ -173,7 +173,11 @@ class LoRASpectralCallback(TrainerCallback):
         logs = headline_metrics(report)
         state.log_history.append({**logs, _WAIT_KEY: self.threshold.wait, "step": report.step})
         if self._handler is not None:  # lets report_to integrations (W&B, MLflow, ...) see the numbers
+            # CallbackHandler.on_log clears control.should_log; on rank 0 only, that would skip the Trainer's own
+            # logging step, whose loss gather is a collective under DDP: the ranks then deadlock or crash.
+            should_log = control.should_log
             self._guarded("Trainer log", lambda: self._handler.on_log(args, state, control, dict(logs)))
+            control.should_log = should_log
         if alert is None:
             return False
         return (alert.nonfinite and self.stop_on_nonfinite) or (not alert.nonfinite and self.stop_training)

@@ -1,7 +1,19 @@
 """Model adapter: find the PEFT LoRA layers of a model and express each merged weight as an operator.
 
 This is the only module that knows PEFT's internals. Everything below it (``linalg``, ``metrics``) sees plain
-tensors in the ``(out_features, in_features)`` convention.
+tensors in the ``(out_features, in_features)`` convention, so every layer kind is first laid out as the matrix
+of the linear map it applies (left singular vectors live in its output space):
+
+- ``lora.Linear``: the weight as stored, ``(out, in)``; GPT-2's ``Conv1D`` stores ``(in, out)`` and is transposed.
+- ``lora.Embedding``: the transposed table, ``(embedding_dim, num_embeddings)``. A lookup maps a one-hot token
+  to a row of the table, i.e. applies ``weight.T``; PEFT's own update ``lora_embedding_B @ lora_embedding_A`` has
+  exactly this shape (``get_delta_weight`` transposes it back to the table layout).
+- ``lora.Conv1d/Conv2d/Conv3d``: the kernel flattened to ``(out_channels, in_channels * prod(kernel_size))``.
+  PEFT's ``lora_B`` is a 1x1 conv, so the merged kernel ``W0 + s * conv(A, B)`` flattens to
+  ``W0_flat + s * B_flat @ A_flat`` exactly, and DoRA's per-output-channel norm is a row norm of that matrix.
+- ``target_parameters`` (``ParamWrapper``) on a 2-D parameter: the parameter as stored, like ``nn.Linear.weight``
+  (PEFT's own delta is ``B @ A`` in that layout); 3-D expert tensors are not supported.
+- Quantized bases (bitsandbytes 4/8-bit) are dequantized with PEFT's ``dequantize_module_weight``.
 """
 
 from __future__ import annotations
@@ -14,38 +26,59 @@ import torch
 from torch import Tensor, nn
 
 from .linalg import LowRankUpdatedMatrix
+from .metrics import low_rank_singular_values
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MonitoredMatrix", "find_lora_matrices", "describe_skipped", "readable_name"]
+__all__ = ["MonitoredMatrix", "find_lora_matrices", "has_peft_layers", "describe_skipped", "readable_name"]
 
 _PEFT_PREFIXES = ("base_model.model.", "base_model.")
 
 
 def readable_name(module_path: str) -> str:
-    """Module path without PEFT's wrapper prefixes (``base_model.model.``)."""
+    """Module path without PEFT's wrapper segments (``base_model.model.``), also where a PeftModel sits inside a
+    larger module (``encoder.base_model.model.layer.0`` -> ``encoder.layer.0``)."""
+    name = module_path.replace("." + _PEFT_PREFIXES[0], ".")
     for prefix in _PEFT_PREFIXES:
-        if module_path.startswith(prefix):
-            return module_path[len(prefix) :]
-    return module_path
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
 
 
 @dataclass
 class MonitoredMatrix:
-    """One PEFT ``lora.Linear`` layer: its frozen base weight plus the sum of its active, unmerged adapters."""
+    """One PEFT LoRA layer (Linear, Embedding or ConvNd, see the module docstring for the matrix layout): its
+    frozen base weight plus the sum of its active, unmerged adapters."""
 
     name: str
     module: nn.Module
 
     @property
+    def is_embedding(self) -> bool:
+        return bool(getattr(self.module, "lora_embedding_A", None))
+
+    @property
     def adapters(self) -> list[str]:
         merged = set(getattr(self.module, "merged_adapters", ()))
-        return [a for a in self.module.active_adapters if a in self.module.lora_A and a not in merged]
+        return [a for a in self.module.active_adapters if a in _adapter_names(self.module) and a not in merged]
 
     def base_weight(self) -> Tensor:
-        """Pretrained weight in (out, in) layout; GPT-2's ``Conv1D`` stores (in, out) (``fan_in_fan_out``)."""
-        W = self.module.get_base_layer().weight
-        return W.T if self.module.fan_in_fan_out else W
+        """Pretrained weight in (out, in) layout (see the module docstring), dequantized if the base is quantized."""
+        from peft.utils.integrations import dequantize_module_weight
+
+        if hasattr(self.module, "get_param"):  # target_parameters (ParamWrapper): a 2-D parameter, used as stored
+            return self.module.get_param()
+        base = self.module.get_base_layer()
+        W = base.weight if base.weight.is_floating_point() else dequantize_module_weight(base)
+        if self.is_embedding or getattr(self.module, "fan_in_fan_out", False):
+            return W.T
+        return W.flatten(1)  # a no-op for Linear; ConvNd kernels -> (out_channels, in_channels * kernel volume)
+
+    def adapter_factors(self, adapter: str) -> tuple[Tensor, Tensor]:
+        """One adapter's unscaled ``(B, A)`` in the (out, in) layout: ``B @ A`` is its update before scaling."""
+        if self.is_embedding:
+            return self.module.lora_embedding_B[adapter], self.module.lora_embedding_A[adapter]
+        return self.module.lora_B[adapter].weight.flatten(1), self.module.lora_A[adapter].weight.flatten(1)
 
     def is_dora(self) -> bool:
         return any(a in self.module.lora_magnitude_vector for a in self.adapters)
@@ -59,15 +92,22 @@ class MonitoredMatrix:
         names = self.adapters
         if not names:
             return None
-        B = torch.cat([self.module.lora_B[a].weight.to(device, dtype) * self.module.scaling[a] for a in names], dim=1)
-        A = torch.cat([self.module.lora_A[a].weight.to(device, dtype) for a in names], dim=0)
+        factors = [self.adapter_factors(a) for a in names]
+        B = torch.cat([B.to(device, dtype) * self.module.scaling[a] for a, (B, _) in zip(names, factors)], dim=1)
+        A = torch.cat([A.to(device, dtype) for _, A in factors], dim=0)
         return B, A
+
+    def update_singular_values(self, device: torch.device) -> Tensor | None:
+        """Exact non-zero singular values of the summed update ``B @ A`` (float64, from the factors)."""
+        factors = self.update_factors(torch.float64, device)
+        return low_rank_singular_values(*factors) if factors else None
 
     def operator(self, W0: Tensor) -> LowRankUpdatedMatrix:
         """The merged weight around a given copy of the base weight (already in the compute dtype/device).
 
         DoRA (Liu et al. 2024) rescales each output row: ``m * (W0 + dW) / ||W0 + dW||_row``; the row norms are
-        computed from the factors in O(mnr) without forming ``W0 + dW``.
+        computed from the factors in O(mnr) without forming ``W0 + dW``. For a conv the magnitude is stored as
+        ``(1, out, 1, ...)`` and the norm runs over a whole output filter, i.e. a row of the flattened kernel.
         """
         factors = self.update_factors(W0.dtype, W0.device)
         if factors is None:
@@ -76,7 +116,7 @@ class MonitoredMatrix:
         row_scale = None
         if self.is_dora():
             (adapter,) = self.adapters  # checked by find_lora_matrices
-            magnitude = self.module.lora_magnitude_vector[adapter].weight.to(W0.device, W0.dtype)
+            magnitude = self.module.lora_magnitude_vector[adapter].weight.reshape(-1).to(W0.device, W0.dtype)
             BA_rows = ((B @ (A @ A.T)) * B).sum(dim=1)  # ||(B A)_i||^2
             cross = ((W0 @ A.T) * B).sum(dim=1)  # <W0_i, (B A)_i>
             norms = ((W0 * W0).sum(dim=1) + 2 * cross + BA_rows).clamp_min(0).sqrt()
@@ -84,23 +124,52 @@ class MonitoredMatrix:
         return LowRankUpdatedMatrix(W0, B, A, row_scale)
 
 
-def _unsupported_reason(module: nn.Module) -> str | None:
-    from peft.tuners.lora import Linear
+def _adapter_names(module: nn.Module) -> set[str]:
+    return set(module.lora_A) | set(getattr(module, "lora_embedding_A", {}))
 
-    if not isinstance(module, Linear):
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    from peft.tuners.lora import Embedding, Linear, ParamWrapper
+    from peft.tuners.lora.layer import _ConvNd
+
+    if not hasattr(module, "get_base_layer"):
         return f"layer type {type(module).__name__}"
-    weight = getattr(module.get_base_layer(), "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        return f"base weight {type(weight).__name__} (quantized or not a matrix)"
-    active = [a for a in module.active_adapters if a in module.lora_A]
+    base = module.get_base_layer()
+    if isinstance(module, ParamWrapper):
+        if module.num_experts != 1 or module.get_param().dim() != 2:
+            return "target_parameters on a 3-D (expert) parameter"
+        return "DoRA/variant on target_parameters" if getattr(module, "lora_variant", {}) else None
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return f"base weight {type(weight).__name__}"
+    is_conv = isinstance(module, _ConvNd)
+    # PEFT's bitsandbytes/HQQ/... layers are LoraLayers with lora_A/lora_B like lora.Linear but other classes.
+    if not (isinstance(module, (Linear, Embedding)) or is_conv or isinstance(getattr(module, "lora_A", None), nn.ModuleDict)):
+        return f"layer type {type(module).__name__}"
+    if is_conv and base.groups != 1:
+        return "grouped convolution (PEFT cannot merge it either)"
+    if not is_conv and weight.is_floating_point() and weight.dim() != 2:
+        return f"base weight of shape {tuple(weight.shape)}"
+    active = [a for a in module.active_adapters if a in _adapter_names(module)]
     variants = getattr(module, "lora_variant", {})
     for a in active:
         variant = variants.get(a)
         if variant is not None and a not in module.lora_magnitude_vector:
             return f"LoRA variant {type(variant).__name__}"
-    if any(a in module.lora_magnitude_vector for a in active) and len(active) > 1:
-        return "DoRA with several active adapters"
+    if any(a in module.lora_magnitude_vector for a in active):
+        if len(active) > 1:
+            return "DoRA with several active adapters"
+        if isinstance(module, Embedding):
+            return "DoRA on an Embedding"
     return None
+
+
+def has_peft_layers(model: nn.Module) -> bool:
+    """Whether PEFT has put any adapter layer (LoRA or another tuner) into ``model``; decides ``mode="auto"``, so
+    that a LoHa/VeRA/... model is refused in LoRA mode rather than measured as an unchanging "full" fine-tune."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
 def find_lora_matrices(

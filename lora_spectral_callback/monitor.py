@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .layers import MonitoredMatrix, describe_skipped, find_lora_matrices
+from .full_finetune import DenseMatrix, find_dense_matrices
+from .layers import MonitoredMatrix, describe_skipped, find_lora_matrices, has_peft_layers
 from .linalg import exact_top_singular_triplets, top_singular_triplets
 from .metrics import (
     basis_rounding_error,
     count_intruders,
     effective_rank,
-    low_rank_singular_values,
     max_abs_cosine,
     pretrained_left_basis,
 )
@@ -41,6 +41,11 @@ class SpectralConfig:
     ``epsilon`` may be one threshold or several (the first is primary: totals, alerts); all come from one
     decomposition. ``basis_dtype`` is how the pretrained bases are stored: float16 halves memory and moves a
     cosine by at most 4.9e-4, which the solver accounts for when deciding a count.
+
+    ``mode``: ``"lora"`` monitors PEFT LoRA layers; ``"full"`` monitors plain Linear/Conv1D/Embedding/conv layers
+    of a fully fine-tuned model against a copy of their pretrained weights taken at construction, stored in
+    ``weight_copy_dtype`` on ``basis_device`` (see :mod:`.full_finetune`); ``"auto"`` picks ``"lora"`` iff PEFT
+    has put adapter layers into the model.
     """
 
     top_k: int = 10
@@ -57,6 +62,8 @@ class SpectralConfig:
     seed: int = 0
     strict: bool = False
     progress: bool = True
+    mode: str = "auto"
+    weight_copy_dtype: str = "float32"
     epsilons: tuple[float, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +78,8 @@ class SpectralConfig:
         for name in ("compute_dtype", "basis_dtype"):
             allowed = ("float32", "float64") if name == "compute_dtype" else tuple(_DTYPES)
             _require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {allowed}")
+        _require(self.mode in ("auto", "lora", "full"), "mode", self.mode, "one of ('auto', 'lora', 'full')")
+        _require(self.weight_copy_dtype in _DTYPES, "weight_copy_dtype", self.weight_copy_dtype, f"one of {tuple(_DTYPES)}")
         _require(_is_int(self.exact_below) and self.exact_below >= 0, "exact_below", self.exact_below, "an integer >= 0")
         _require(_is_int(self.oversample) and self.oversample >= 0, "oversample", self.oversample, "an integer >= 0")
         _require(isinstance(self.tol, (int, float)) and 0 < self.tol < 1, "tol", self.tol, "a number strictly between 0 and 1")
@@ -104,11 +113,25 @@ class SpectralMonitor:
     def __init__(self, model: nn.Module, **options) -> None:
         self.config = SpectralConfig(**options)
         self.model = model
-        self.matrices, skipped = find_lora_matrices(model, self.config.include, self.config.exclude)
-        if skipped:
-            logger.warning("lora-spectral-callback cannot measure these LoRA layers yet: %s", describe_skipped(skipped))
+        cfg = self.config
+        # auto: LoRA if the model has PEFT layers; a full fine-tune only when layers were named (copying every
+        # weight of a model nobody asked about would be a nasty surprise)
+        self.mode = cfg.mode
+        if cfg.mode == "auto":
+            self.mode = "lora" if has_peft_layers(model) or cfg.include is None else "full"
+        self.matrices: list[MonitoredMatrix | DenseMatrix]
+        if self.mode == "full":
+            self.matrices = find_dense_matrices(model, cfg.include, cfg.exclude, _DTYPES[cfg.weight_copy_dtype], cfg.basis_device)
+            copied = sum(m.copy_bytes() for m in self.matrices)
+            log = logger.warning if cfg.mode == "auto" else logger.info  # say so loudly if it was not asked for
+            log("lora-spectral-callback: %sfull fine-tuning mode: %d matrices, %.1f MB of pretrained weight copies",
+                "no LoRA layer found, " if cfg.mode == "auto" else "", len(self.matrices), copied / 1e6)
+        else:
+            self.matrices, skipped = find_lora_matrices(model, cfg.include, cfg.exclude)
+            if skipped:
+                logger.warning("lora-spectral-callback cannot measure these LoRA layers yet: %s", describe_skipped(skipped))
         if not self.matrices:
-            raise ValueError(_nothing_to_monitor(model, self.config.include, self.config.exclude))
+            raise ValueError(_nothing_to_monitor(model, self.mode, cfg.include, cfg.exclude))
         self._basis: dict[str, Tensor] = {}
         self._shapes: dict[str, torch.Size] = {}
         self._snapshot_errors: dict[str, tuple[type[Exception], str]] = {}
@@ -188,7 +211,7 @@ class SpectralMonitor:
         )
 
     @torch.no_grad()
-    def measure_matrix(self, matrix: MonitoredMatrix) -> LayerReport:
+    def measure_matrix(self, matrix: MonitoredMatrix | DenseMatrix) -> LayerReport:
         """Top-k singular triplets of one merged weight, their max |cos| with the pretrained basis, and ranks."""
         cfg = self.config
         t0 = time.perf_counter()
@@ -204,6 +227,8 @@ class SpectralMonitor:
             raise _NonFinite("LoRA factors contain NaN or Inf")
         if op.row_scale is not None and not torch.isfinite(op.row_scale).all():
             raise _NonFinite("DoRA row scale contains NaN or Inf")
+        if isinstance(matrix, DenseMatrix) and not torch.isfinite(op.W0).all():
+            raise _NonFinite("fine-tuned weight contains NaN or Inf")
 
         slack = basis_rounding_error(basis.dtype)
         epsilons = torch.tensor(cfg.epsilons, dtype=W0.dtype, device=W0.device)
@@ -229,8 +254,8 @@ class SpectralMonitor:
             raise _NonFinite("merged weight has non-finite singular values")
         uncertain = int((margin(svd.U) < svd.error).sum())
         counts = count_intruders(max_cos, cfg.epsilons)
-        factors = matrix.update_factors(torch.float64, W0.device)
-        rank = effective_rank(low_rank_singular_values(*factors)) if factors else 0.0
+        update_sv = matrix.update_singular_values(W0.device)
+        rank = effective_rank(update_sv) if update_sv is not None else 0.0
         return LayerReport(
             intruders=counts[cfg.epsilons[0]],
             intruders_by_epsilon={_eps_key(e): n for e, n in counts.items()},
@@ -272,17 +297,26 @@ class SpectralMonitor:
             logger.warning("lora-spectral-callback: %s", message)
 
 
-def _nothing_to_monitor(model: nn.Module, include: str | None, exclude: str | None) -> str:
-    """Why no layer was selected: filters that match none of the model's LoRA layers (listed), or no LoRA at all."""
+def _nothing_to_monitor(model: nn.Module, mode: str, include: str | None, exclude: str | None) -> str:
+    """Why no layer was selected: filters that match none of the candidate layers (listed), or nothing to watch."""
     if include or exclude:
-        available = [m.name for m in find_lora_matrices(model)[0]]
+        if mode == "full":
+            available = [m.name for m in find_dense_matrices(model, None, None, torch.float16, "meta")]
+        else:
+            available = [m.name for m in find_lora_matrices(model)[0]]
         if available:
             shown = ", ".join(available[:6]) + (f", ... ({len(available)} in all)" if len(available) > 6 else "")
+            kind = "LoRA layers" if mode == "lora" else "Linear/Conv1D/Embedding/conv layers"
             return (
-                f"include={include!r} exclude={exclude!r} match none of the model's LoRA layers: "
+                f"include={include!r} exclude={exclude!r} match none of the model's {kind}: "
                 f"must select at least one of: {shown}"
             )
-    return "No LoRA layer to monitor: wrap the model with peft.get_peft_model(...) and a LoraConfig first."
+    if mode == "full":
+        return "No Linear/Conv1D/Embedding/conv layer to monitor in this model."
+    return (
+        "No LoRA layer to monitor: wrap the model with peft.get_peft_model(...) and a LoraConfig first, "
+        "or monitor a full fine-tune by naming its layers: include=<regex>, mode='full'."
+    )
 
 
 class _NonFinite(ValueError):

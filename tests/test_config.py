@@ -134,4 +134,4 @@ def test_model_without_lora_layers():
     with pytest.raises(ValueError, match=r"No LoRA layer to monitor: wrap the model with peft\.get_peft_model"):
         SpectralMonitor(tiny_bert(hidden=32))
     with pytest.raises(ValueError, match=r"No LoRA layer to monitor"):
-        SpectralMonitor(tiny_bert(hidden=32), include="query")
+        SpectralMonitor(tiny_bert(hidden=32), include="query", mode="lora")

@@ -1,0 +1,96 @@
+"""Full fine-tuning mode: monitor plain weight matrices (no PEFT) against a copy of their pretrained values.
+
+This is the comparison Shuttleworth et al. 2024 make between LoRA and full fine-tuning. Nothing is frozen, so
+the pretrained weight must be *copied* before training moves it: one copy of every monitored matrix, in
+``weight_copy_dtype`` (float32: 4 bytes per parameter; float16: 2) on ``basis_device`` (CPU by default). The
+merged weight is simply the current weight, a dense matrix (the solver's low-rank "update" part is absent); the
+monitor warm-starts its iterations from the pretrained top singular vectors as usual.
+
+A :class:`DenseMatrix` implements the same small interface as :class:`~.layers.MonitoredMatrix`
+(``name``, ``base_weight()``, ``operator(W0)``, ``update_singular_values(device)``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .linalg import LowRankUpdatedMatrix
+
+__all__ = ["DenseMatrix", "find_dense_matrices", "weight_matrix"]
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """A plain layer's weight in the (out, in) layout of :mod:`.layers`: ``Linear`` as stored, GPT-2 ``Conv1D``
+    and ``Embedding`` transposed (``(embedding_dim, num_embeddings)``), conv kernels flattened per output channel."""
+    W = module.weight
+    if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
+        return W.T
+    return W.flatten(1)
+
+
+def _is_dense_layer(module: nn.Module) -> bool:
+    kinds = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
+    return (isinstance(module, kinds) or type(module).__name__ == "Conv1D") and isinstance(
+        getattr(module, "weight", None), torch.Tensor
+    ) and module.weight.is_floating_point()
+
+
+@dataclass
+class DenseMatrix:
+    """One fully fine-tuned layer: a stored copy of its pretrained weight and the live module."""
+
+    name: str
+    module: nn.Module
+    pretrained: Tensor  # (out, in) copy taken before training
+
+    @classmethod
+    def snapshot_of(cls, name: str, module: nn.Module, dtype: torch.dtype, device: str | torch.device) -> "DenseMatrix":
+        with torch.no_grad():
+            copy = weight_matrix(module).detach().to(device=device, dtype=dtype, copy=True).contiguous()
+        return cls(name, module, copy)
+
+    def base_weight(self) -> Tensor:
+        """The pretrained copy (not the live weight): the snapshot basis is always the pretrained one."""
+        return self.pretrained
+
+    def current_weight(self) -> Tensor:
+        return weight_matrix(self.module).detach()
+
+    def operator(self, W0: Tensor) -> LowRankUpdatedMatrix:
+        """The fine-tuned weight as a dense operator, in ``W0``'s dtype and device."""
+        return LowRankUpdatedMatrix(self.current_weight().to(W0.device, W0.dtype))
+
+    def update_singular_values(self, device: torch.device) -> Tensor:
+        """All singular values of ``dW = W_now - W0``, exactly, by a float64 LAPACK SVD (``svdvals``).
+
+        ``dW`` of a full fine-tune is full-rank, so no low-rank shortcut applies; the effective rank depends on the
+        whole spectrum. Cost: O(m n min(m, n)), see the docs' timing table.
+        """
+        delta = self.current_weight().to(device, torch.float64) - self.pretrained.to(device, torch.float64)
+        return torch.linalg.svdvals(delta)
+
+    def copy_bytes(self) -> int:
+        return self.pretrained.numel() * self.pretrained.element_size()
+
+
+def find_dense_matrices(
+    model: nn.Module,
+    include: str | None,
+    exclude: str | None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> list[DenseMatrix]:
+    """Every ``Linear``/``Conv1D``/``Embedding``/conv layer whose module path matches ``include`` and not
+    ``exclude``, with a copy of its current (pretrained) weight taken now."""
+    found = []
+    for name, module in model.named_modules():
+        if not _is_dense_layer(module):
+            continue
+        if (include and not re.search(include, name)) or (exclude and re.search(exclude, name)):
+            continue
+        found.append(DenseMatrix.snapshot_of(name, module, dtype, device))
+    return found

