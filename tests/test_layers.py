@@ -86,14 +86,15 @@ def test_several_active_adapters_are_summed_and_merged_ones_skipped():
 
 def test_names_filters_and_unsupported_layers_are_reported(caplog):
     assert readable_name("base_model.model.bert.encoder.layer.0.attention.self.query") == "bert.encoder.layer.0.attention.self.query"
-    model = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query", "value", "word_embeddings"]))
+    config = LoraConfig(r=4, target_modules=["query", "value", "word_embeddings"], use_dora=True)
+    model = get_peft_model(tiny_bert(), config)
     matrices, skipped = find_lora_matrices(model, include=r"layer\.1\.")
     assert [m.name for m in matrices] == [
         "bert.encoder.layer.1.attention.self.query",
         "bert.encoder.layer.1.attention.self.value",
     ]
     _, skipped = find_lora_matrices(model)
-    assert list(skipped) == ["bert.embeddings.word_embeddings"] and "Embedding" in skipped["bert.embeddings.word_embeddings"]
+    assert list(skipped) == ["bert.embeddings.word_embeddings"] and "DoRA on an Embedding" in skipped["bert.embeddings.word_embeddings"]
     with caplog.at_level(logging.WARNING):
         SpectralMonitor(model, progress=False)
     assert "cannot measure" in caplog.text and "word_embeddings" in caplog.text
