@@ -3,8 +3,8 @@
     lora-spectral analyze BASE_DIR ADAPTER_DIR [--json] [--tensorboard DIR] [--top-k K] [--epsilon E[,E...]]
     lora-spectral analyze BASE_DIR --finetuned TUNED_DIR [...]
 
-Everything numerical is the library's: adapters go through :class:`SpectralMonitor`, full fine-tunes through
-:mod:`compare`; this module only loads, prints and turns every expected failure into one line on stderr
+Everything numerical is the library's :class:`SpectralMonitor` (its full fine-tuning mode for ``--finetuned``);
+this module only loads, prints and turns every expected failure into one line on stderr
 (``lora-spectral: error: ...``, exit 1) instead of a traceback.
 """
 
@@ -126,17 +126,29 @@ def _analyze_adapter(args: argparse.Namespace, epsilons: list[float]) -> Analysi
 
 
 def _analyze_finetuned(args: argparse.Namespace, epsilons: list[float]) -> Analysis:
-    from .compare import compare_models, matching_weights
+    """The monitor's full fine-tuning mode: snapshot the base model's layers, load the fine-tuned weights into it,
+    measure — the same code path as a live full fine-tune."""
+    from .monitor import SpectralMonitor
 
     _require_dir(args.finetuned, "fine-tuned model", "config.json")
-    base, tuned = _load_auto(args.base, "AutoModel"), _load_auto(args.finetuned, "AutoModel")
+    model, tuned = _load_auto(args.base, "AutoModel"), _load_auto(args.finetuned, "AutoModel").state_dict()
+    own = model.state_dict()
+    shared = {key: value for key, value in tuned.items() if key in own}
+    for key, value in shared.items():
+        if value.shape != own[key].shape:
+            raise CLIError(f"shape mismatch for {key}: base {tuple(own[key].shape)} vs fine-tuned {tuple(value.shape)}")
+    if not shared:
+        raise CLIError("the base and fine-tuned models share no parameter: base/fine-tuned mismatch")
     try:
-        pairs = matching_weights(base, tuned, args.include)
+        monitor = SpectralMonitor(
+            model, mode="full", top_k=args.top_k, epsilon=epsilons, include=args.include, progress=not args.no_progress
+        )
     except ValueError as err:
-        raise CLIError(str(err)) from None
-    n_pretrained = 2 * args.top_k if args.tensorboard else None
-    report, spectra = compare_models(pairs, args.top_k, epsilons, n_pretrained=n_pretrained, progress=not args.no_progress)
-    return report, lambda names: {n: spectra[n] for n in names}
+        raise CLIError(_one_line(err)) from None
+    monitor.snapshot()  # the pretrained bases, before the fine-tuned weights replace the base ones
+    model.load_state_dict(shared, strict=False)
+    report = monitor.measure(step=None)
+    return report, lambda names: monitor.spectra(names)
 
 
 def _write_tensorboard(args: argparse.Namespace, report: SpectralReport, spectra_for: Callable[[list[str]], dict[str, LayerSpectra]]) -> None:

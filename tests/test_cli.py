@@ -125,6 +125,16 @@ def test_tensorboard_output_has_callback_tags_and_pictures(saved, capsys, tmp_pa
     assert "spectral/summary/text_summary" in tags["tensors"]
 
 
+def dense_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            out[name] = module.weight
+        elif isinstance(module, torch.nn.Embedding):
+            out[name] = module.weight.T
+    return out
+
+
 def test_finetuned_mode_matches_float64_recount(tmp_path, capsys):
     base = tiny_bert(seed=0)
     base.save_pretrained(tmp_path / "base")
@@ -138,9 +148,9 @@ def test_finetuned_mode_matches_float64_recount(tmp_path, capsys):
         query.add_(torch.randn(64, 2, generator=g) @ torch.randn(2, 64, generator=g) * 0.2)
     tuned.save_pretrained(tmp_path / "tuned")
     data = run_json(capsys, str(tmp_path / "base"), "--finetuned", str(tmp_path / "tuned"), "--epsilon", "0.5", "--epsilon", "0.3")
-    # AutoModel loads the backbone (no classification head): names are BertModel's.
-    W0 = {n: m.weight for n, m in base.bert.named_modules() if isinstance(m, torch.nn.Linear)}
-    W = {n: m.weight for n, m in tuned.bert.named_modules() if isinstance(m, torch.nn.Linear)}
+    # AutoModel loads the backbone (no classification head): names are BertModel's. Every Linear and Embedding
+    # is compared, embeddings as (dim, vocabulary) like PEFT's embedding LoRA.
+    W0, W = dense_weights(base.bert), dense_weights(tuned.bert)
     assert set(data["layers"]) == set(W0)
     totals, per_layer = reference_counts(W0, W, EPS)
     assert data["intruders_total_by_epsilon"] == {"0.5": totals[0.5], "0.3": totals[0.3]}
@@ -202,7 +212,7 @@ def test_adapter_targets_absent_from_base(saved, capsys, tmp_path):
 def test_finetuned_with_mismatched_shapes(saved, capsys, tmp_path):
     root, _, _ = saved
     tiny_bert(hidden=32).save_pretrained(tmp_path / "small")
-    assert_error(capsys, ["analyze", str(root / "base"), "--finetuned", str(tmp_path / "small")], "shape mismatch for ", "base (64, 64)")
+    assert_error(capsys, ["analyze", str(root / "base"), "--finetuned", str(tmp_path / "small")], "shape mismatch for ", "base (100, 64)")
 
 
 def test_bad_options_are_usage_errors(saved, capsys):
