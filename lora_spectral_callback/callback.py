@@ -44,6 +44,8 @@ class LoRASpectralCallback(TrainerCallback):
     ``max_intruders_per_layer`` is exceeded for ``patience`` consecutive measurements it warns, calls
     ``on_alert(report)`` and, unless ``stop_training=False``, saves a checkpoint and stops training on every
     rank. NaN/Inf weights always warn and call the hook; they stop training only with ``stop_on_nonfinite``.
+    ``forgetting_proxy`` (e.g. a :class:`~lora_spectral_callback.forgetting.ForgettingProxy`) is called with the
+    model at each measurement; its metrics go to TensorBoard and the log history beside the spectral ones.
 
     Remaining keyword options go to :class:`SpectralConfig` (``include``, ``exclude``, ``basis_dtype``, ...).
     """
@@ -60,6 +62,7 @@ class LoRASpectralCallback(TrainerCallback):
         on_alert: Callable[[SpectralReport], Any] | None = None,
         stop_training: bool = True,
         stop_on_nonfinite: bool = False,
+        forgetting_proxy: Callable[[Any], dict[str, float]] | None = None,
         **options: Any,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps <= 0:
@@ -76,6 +79,9 @@ class LoRASpectralCallback(TrainerCallback):
         if log_dir is not None:
             _ensure_writable_dir(log_dir)
         self.on_alert = on_alert
+        if forgetting_proxy is not None and not callable(forgetting_proxy):
+            raise ValueError(f"forgetting_proxy={forgetting_proxy!r} is invalid: must be a callable taking the model")
+        self.forgetting_proxy = forgetting_proxy
         self.monitor: SpectralMonitor | None = None
         self.writer: MetricWriter | None = None
         self.last_report: SpectralReport | None = None
@@ -131,6 +137,11 @@ class LoRASpectralCallback(TrainerCallback):
         if self.writer is not None:
             self._guarded("TensorBoard write", lambda: self.writer.write(report, report.step))
         logs = headline_metrics(report)
+        if self.forgetting_proxy is not None:
+            drift = self._guarded("forgetting proxy", lambda: self.forgetting_proxy(self.monitor.model)) or {}
+            logs.update(drift)
+            if drift and self.writer is not None:
+                self._guarded("TensorBoard write", lambda: self.writer.write_scalars(drift, report.step))
         state.log_history.append({**logs, _WAIT_KEY: self.threshold.wait, "step": report.step})
         if self._handler is not None:  # lets report_to integrations (W&B, MLflow, ...) see the numbers
             self._guarded("Trainer log", lambda: self._handler.on_log(args, state, control, dict(logs)))

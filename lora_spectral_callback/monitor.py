@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import MonitoredMatrix, describe_skipped, find_lora_matrices
-from .linalg import exact_top_singular_triplets, top_singular_triplets
+from .linalg import TopSVD, exact_top_singular_triplets, top_singular_triplets
 from .metrics import (
     basis_rounding_error,
     count_intruders,
@@ -165,6 +165,28 @@ class SpectralMonitor:
         """Top-k singular triplets of one merged weight, their max |cos| with the pretrained basis, and ranks."""
         cfg = self.config
         t0 = time.perf_counter()
+        svd, max_cos, uncertain = self.decompose(matrix)
+        counts = count_intruders(max_cos, cfg.epsilons)
+        factors = matrix.update_factors(torch.float64, svd.U.device)
+        rank = effective_rank(low_rank_singular_values(*factors)) if factors else 0.0
+        return LayerReport(
+            intruders=counts[cfg.epsilons[0]],
+            intruders_by_epsilon={_eps_key(e): n for e, n in counts.items()},
+            max_cos=max_cos.tolist(),
+            singular_values=svd.S.tolist(),
+            effective_rank=rank,
+            converged=svd.converged,
+            iterations=svd.iterations,
+            uncertain=uncertain,
+            seconds=time.perf_counter() - t0,
+        )
+
+    @torch.no_grad()
+    def decompose(self, matrix: MonitoredMatrix) -> tuple[TopSVD, Tensor, int]:
+        """The detection step shared by measurement and mitigation: top-k singular triplets of one merged weight
+        (in ``compute_dtype``), each left vector's max |cos| with the pretrained basis, and how many of those
+        cosines lie closer to a threshold than their error bound."""
+        cfg = self.config
         basis = self._basis[matrix.name]
         W0 = matrix.base_weight().detach()
         if W0.shape[0] != basis.shape[0]:
@@ -198,20 +220,7 @@ class SpectralMonitor:
         if not torch.isfinite(svd.S).all():
             raise _NonFinite("merged weight has non-finite singular values")
         uncertain = int((margin(svd.U) < svd.error).sum())
-        counts = count_intruders(max_cos, cfg.epsilons)
-        factors = matrix.update_factors(torch.float64, W0.device)
-        rank = effective_rank(low_rank_singular_values(*factors)) if factors else 0.0
-        return LayerReport(
-            intruders=counts[cfg.epsilons[0]],
-            intruders_by_epsilon={_eps_key(e): n for e, n in counts.items()},
-            max_cos=max_cos.tolist(),
-            singular_values=svd.S.tolist(),
-            effective_rank=rank,
-            converged=svd.converged,
-            iterations=svd.iterations,
-            uncertain=uncertain,
-            seconds=time.perf_counter() - t0,
-        )
+        return svd, max_cos, uncertain
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """A private seeded generator per device: random fill never advances the global RNG."""

@@ -62,11 +62,16 @@ class TensorBoardWriter:
     def write(self, report: SpectralReport, step: int) -> None:
         import numpy as np
 
-        for tag, value in scalar_metrics(report).items():
-            self._writer.add_scalar(tag, value, step)
+        self.write_scalars(scalar_metrics(report), step)
         for name, layer in report.layers.items():
             if layer.singular_values:
                 self._writer.add_histogram(f"spectral/singular_values/{name}", np.asarray(layer.singular_values), step)
+        self._writer.flush()
+
+    def write_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """Extra scalars (e.g. the forgetting proxy) under their own tags."""
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, value, step)
         self._writer.flush()
 
     def close(self) -> None:
