@@ -48,6 +48,8 @@ class LoRASpectralCallback(TrainerCallback):
     ``max_intruders_per_layer`` is exceeded for ``patience`` consecutive measurements it warns, calls
     ``on_alert(report)`` and, unless ``stop_training=False``, saves a checkpoint and stops training on every
     rank. NaN/Inf weights always warn and call the hook; they stop training only with ``stop_on_nonfinite``.
+    ``forgetting_proxy`` (e.g. a :class:`~lora_spectral_callback.forgetting.ForgettingProxy`) is called with the
+    model at each measurement; its metrics go to TensorBoard and the log history beside the spectral ones.
 
     Pictures (|cos| heatmaps, intruder grid, spectra; need matplotlib) are off by default because each costs far
     more than the scalars (rendering, and ~30 KB of event file per image): ``image_every_n_measurements=n``
@@ -71,6 +73,7 @@ class LoRASpectralCallback(TrainerCallback):
         stop_on_nonfinite: bool = False,
         image_every_n_measurements: int | None = None,
         image_layers: int = 16,
+        forgetting_proxy: Callable[[Any], dict[str, float]] | None = None,
         **options: Any,
     ) -> None:
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps <= 0:
@@ -94,6 +97,9 @@ class LoRASpectralCallback(TrainerCallback):
         if log_dir is not None:
             _ensure_writable_dir(log_dir)
         self.on_alert = on_alert
+        if forgetting_proxy is not None and not callable(forgetting_proxy):
+            raise ValueError(f"forgetting_proxy={forgetting_proxy!r} is invalid: must be a callable taking the model")
+        self.forgetting_proxy = forgetting_proxy
         self.monitor: SpectralMonitor | None = None
         self.writer: MetricWriter | None = None
         self.last_report: SpectralReport | None = None
@@ -171,6 +177,11 @@ class LoRASpectralCallback(TrainerCallback):
                 self._guarded("on_alert hook", lambda: self.on_alert(report), report)
         self._write(report)
         logs = headline_metrics(report)
+        if self.forgetting_proxy is not None:
+            drift = self._guarded("forgetting proxy", lambda: self.forgetting_proxy(self.monitor.model)) or {}
+            logs.update(drift)
+            if drift and self.writer is not None:
+                self._guarded("TensorBoard write", lambda: self.writer.write_scalars(drift, report.step))
         state.log_history.append({**logs, _WAIT_KEY: self.threshold.wait, "step": report.step})
         if self._handler is not None:  # lets report_to integrations (W&B, MLflow, ...) see the numbers
             # CallbackHandler.on_log clears control.should_log; on rank 0 only, that would skip the Trainer's own

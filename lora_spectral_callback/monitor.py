@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .full_finetune import DenseMatrix, find_dense_matrices
 from .layers import MonitoredMatrix, describe_skipped, find_lora_matrices, has_peft_layers
-from .linalg import exact_top_singular_triplets, top_singular_triplets
+from .linalg import TopSVD, exact_top_singular_triplets, top_singular_triplets
 from .metrics import (
     basis_rounding_error,
     count_intruders,
@@ -215,6 +215,28 @@ class SpectralMonitor:
         """Top-k singular triplets of one merged weight, their max |cos| with the pretrained basis, and ranks."""
         cfg = self.config
         t0 = time.perf_counter()
+        svd, max_cos, uncertain = self.decompose(matrix)
+        counts = count_intruders(max_cos, cfg.epsilons)
+        update_sv = matrix.update_singular_values(svd.U.device)
+        rank = effective_rank(update_sv) if update_sv is not None else 0.0
+        return LayerReport(
+            intruders=counts[cfg.epsilons[0]],
+            intruders_by_epsilon={_eps_key(e): n for e, n in counts.items()},
+            max_cos=max_cos.tolist(),
+            singular_values=svd.S.tolist(),
+            effective_rank=rank,
+            converged=svd.converged,
+            iterations=svd.iterations,
+            uncertain=uncertain,
+            seconds=time.perf_counter() - t0,
+        )
+
+    @torch.no_grad()
+    def decompose(self, matrix: MonitoredMatrix) -> tuple[TopSVD, Tensor, int]:
+        """The detection step shared by measurement and mitigation: top-k singular triplets of one merged weight
+        (in ``compute_dtype``), each left vector's max |cos| with the pretrained basis, and how many of those
+        cosines lie closer to a threshold than their error bound."""
+        cfg = self.config
         basis = self._basis[matrix.name]
         W0 = matrix.base_weight().detach()
         if W0.shape != self._shapes[matrix.name]:
@@ -253,20 +275,7 @@ class SpectralMonitor:
         if not torch.isfinite(svd.S).all():
             raise _NonFinite("merged weight has non-finite singular values")
         uncertain = int((margin(svd.U) < svd.error).sum())
-        counts = count_intruders(max_cos, cfg.epsilons)
-        update_sv = matrix.update_singular_values(W0.device)
-        rank = effective_rank(update_sv) if update_sv is not None else 0.0
-        return LayerReport(
-            intruders=counts[cfg.epsilons[0]],
-            intruders_by_epsilon={_eps_key(e): n for e, n in counts.items()},
-            max_cos=max_cos.tolist(),
-            singular_values=svd.S.tolist(),
-            effective_rank=rank,
-            converged=svd.converged,
-            iterations=svd.iterations,
-            uncertain=uncertain,
-            seconds=time.perf_counter() - t0,
-        )
+        return svd, max_cos, uncertain
 
     @torch.no_grad()
     def spectra(self, names: Sequence[str] | None = None, n_pretrained: int | None = None) -> dict[str, LayerSpectra]:

@@ -51,6 +51,8 @@ class MetricWriter(Protocol):
 
     def write(self, report: SpectralReport, step: int) -> None: ...
 
+    def write_scalars(self, scalars: dict[str, float], step: int) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -107,6 +109,12 @@ class TensorBoardWriter:
             images[f"spectral/spectrum/{name}"] = spectrum_plot(name, layer, data)
         for tag, fig in images.items():
             self._writer.add_image(tag, render_rgb(fig), step, dataformats="HWC")
+        self._writer.flush()
+
+    def write_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """Extra scalars (e.g. the forgetting proxy) under their own tags."""
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, value, step)
         self._writer.flush()
 
     def close(self) -> None:

@@ -7,7 +7,6 @@ import json
 import os
 import sys
 
-import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 
 from helpers import reference_counts, tiny_gpt2
 from lora_spectral_callback.full_finetune import weight_matrix

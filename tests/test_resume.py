@@ -8,6 +8,7 @@ import glob
 import time
 
 import pytest
+from torch import Tensor
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from helpers import reference_counts
@@ -17,7 +18,7 @@ from training import lora_bert, make_trainer, tensorboard_scalars
 TAG = "spectral/intruders_total"
 
 
-def base_weights(model) -> dict[str, "torch.Tensor"]:
+def base_weights(model) -> dict[str, Tensor]:
     """Pretrained weights by readable layer name, copied from a model that has not trained."""
     return {
         name.removeprefix("base_model.model."): module.get_base_layer().weight.detach().clone()
@@ -25,7 +26,7 @@ def base_weights(model) -> dict[str, "torch.Tensor"]:
     }
 
 
-def merged_weights(model, names) -> dict[str, "torch.Tensor"]:
+def merged_weights(model, names) -> dict[str, Tensor]:
     """Independent reference: PEFT's own merge of the adapters into the base weights."""
     merged = copy.deepcopy(model).merge_and_unload()
     return {name: merged.get_submodule(name).weight.detach() for name in names}
