@@ -175,13 +175,14 @@ class LoRASpectralCallback(TrainerCallback):
             logger.warning("lora-spectral-callback: %s", alert.message())
             if self.on_alert is not None:
                 self._guarded("on_alert hook", lambda: self.on_alert(report), report)
+        drift = {}
+        if self.forgetting_proxy is not None:  # before writing, so a failing proxy is counted in spectral/errors
+            drift = self._guarded("forgetting proxy", lambda: self.forgetting_proxy(self.monitor.model), report)
+            drift = {} if drift is _FAILED else drift
         self._write(report)
-        logs = headline_metrics(report)
-        if self.forgetting_proxy is not None:
-            drift = self._guarded("forgetting proxy", lambda: self.forgetting_proxy(self.monitor.model)) or {}
-            logs.update(drift)
-            if drift and self.writer is not None:
-                self._guarded("TensorBoard write", lambda: self.writer.write_scalars(drift, report.step))
+        if drift and self.writer is not None:
+            self._guarded("TensorBoard write", lambda: self.writer.write_scalars(drift, report.step))
+        logs = {**headline_metrics(report), **drift}
         state.log_history.append({**logs, _WAIT_KEY: self.threshold.wait, "step": report.step})
         if self._handler is not None:  # lets report_to integrations (W&B, MLflow, ...) see the numbers
             # CallbackHandler.on_log clears control.should_log; on rank 0 only, that would skip the Trainer's own
