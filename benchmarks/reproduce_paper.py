@@ -110,53 +110,6 @@ def accuracy(model, data: OrderTask, batch: int = 64) -> float:
     return correct / len(data)
 
 
-class FullFineTuneProbe:
-    """Measures full fine-tuning's query/value matrices with the pure core functions and writes the same
-    TensorBoard tags as the LoRA callback (full fine-tuning has no adapter for the callback to read)."""
-
-    def __init__(self, model, log_dir: str, every: int, top_k: int = 10):
-        from lora_spectral_callback.metrics import pretrained_left_basis
-        from lora_spectral_callback.writers import TensorBoardWriter
-
-        self.weights = {n: m.weight for n, m in model.named_modules() if n.split(".")[-1] in TARGETS}
-        self.W0 = {n: w.detach().double().clone() for n, w in self.weights.items()}
-        self.U0 = {n: pretrained_left_basis(w, torch.float64) for n, w in self.W0.items()}
-        self.writer, self.every, self.top_k = TensorBoardWriter(log_dir), every, top_k
-
-    def measure(self, step: int) -> None:
-        from lora_spectral_callback.linalg import LowRankUpdatedMatrix, exact_top_singular_triplets
-        from lora_spectral_callback.metrics import count_intruders, effective_rank, max_abs_cosine
-        from lora_spectral_callback.report import LayerReport, SpectralReport, _eps_key
-
-        layers = {}
-        for name, weight in self.weights.items():
-            W = weight.detach().double()
-            svd = exact_top_singular_triplets(LowRankUpdatedMatrix(W), self.top_k)
-            max_cos = max_abs_cosine(svd.U, self.U0[name])
-            counts = count_intruders(max_cos, EPSILONS)
-            layers[name] = LayerReport(
-                intruders=counts[EPSILONS[0]], intruders_by_epsilon={_eps_key(e): c for e, c in counts.items()},
-                max_cos=max_cos.tolist(), singular_values=svd.S.tolist(),
-                effective_rank=effective_rank(torch.linalg.svdvals(W - self.W0[name])),
-            )
-        self.writer.write(SpectralReport.from_layers(step, EPSILONS, layers), step)
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        probe = self
-
-        class _Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                probe.measure(state.global_step)
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step % probe.every == 0:
-                    probe.measure(state.global_step)
-
-        return _Callback()
-
-
 def train(run: Run, train_data, eval_data, ref_batch, steps: int, every: int, out_dir: str, seed: int):
     """Fine-tune one configuration; return (model, accuracy, TensorBoard dir with the spectral series)."""
     from peft import LoraConfig, get_peft_model
@@ -167,15 +120,14 @@ def train(run: Run, train_data, eval_data, ref_batch, steps: int, every: int, ou
 
     model = load_model(seed)
     log_dir = os.path.join(out_dir, run.name)
-    if run.rank is None:
-        probe = FullFineTuneProbe(model, log_dir, every)
-        callback = probe.callback()
+    options = dict(every_n_steps=every, epsilon=EPSILONS, log_dir=log_dir, progress=False)
+    if run.rank is None:  # the callback's full fine-tuning mode: the same layers, against copies of their weights
+        callback = LoRASpectralCallback(mode="full", include=r"\.(" + "|".join(TARGETS) + r")$", **options)
     else:
         config = LoraConfig(r=run.rank, lora_alpha=2 * run.rank, use_rslora=run.rslora, target_modules=TARGETS,
                             task_type="SEQ_CLS", lora_dropout=0.0)
         model = get_peft_model(model, config)
-        callback = LoRASpectralCallback(every_n_steps=every, epsilon=EPSILONS, log_dir=log_dir, progress=False,
-                                        forgetting_proxy=ForgettingProxy(ref_batch))
+        callback = LoRASpectralCallback(forgetting_proxy=ForgettingProxy(ref_batch), **options)
     args = TrainingArguments(
         output_dir=os.path.join(out_dir, "trainer", run.name), per_device_train_batch_size=16, learning_rate=run.lr,
         max_steps=steps, warmup_steps=steps // 10, lr_scheduler_type="linear", weight_decay=0.0, logging_steps=steps,
@@ -183,9 +135,6 @@ def train(run: Run, train_data, eval_data, ref_batch, steps: int, every: int, ou
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_data, callbacks=[callback])
     trainer.train()
-    if run.rank is None:
-        probe.measure(steps) if steps % every else None
-        probe.writer.close()
     return model, accuracy(model, eval_data), log_dir
 
 
