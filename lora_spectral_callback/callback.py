@@ -11,6 +11,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .alerts import Alert, IntruderThreshold
+from .background import BackgroundMeasurer
 from .distributed import any_rank
 from .monitor import SpectralConfig, SpectralMonitor
 from .report import SpectralReport
@@ -45,6 +46,12 @@ class LoRASpectralCallback(TrainerCallback):
     ``on_alert(report)`` and, unless ``stop_training=False``, saves a checkpoint and stops training on every
     rank. NaN/Inf weights always warn and call the hook; they stop training only with ``stop_on_nonfinite``.
 
+    ``asynchronous=True`` copies the LoRA factors at the measurement step and measures in a background thread
+    (see :mod:`.background`): metrics and any stop arrive at a later step (the first step end after it
+    finishes) and are logged at the step they describe. If the previous measurement is still running at the next
+    measurement step, that step waits for it (no measurement is skipped); train end waits too, then measures the
+    final state synchronously. Under DDP this adds a one-integer all-reduce per step, so every rank stops together.
+
     Remaining keyword options go to :class:`SpectralConfig` (``include``, ``exclude``, ``basis_dtype``, ...).
     """
 
@@ -60,6 +67,7 @@ class LoRASpectralCallback(TrainerCallback):
         on_alert: Callable[[SpectralReport], Any] | None = None,
         stop_training: bool = True,
         stop_on_nonfinite: bool = False,
+        asynchronous: bool = False,
         **options: Any,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps <= 0:
@@ -72,6 +80,8 @@ class LoRASpectralCallback(TrainerCallback):
         self.threshold = IntruderThreshold(max_intruders, max_intruders_per_layer, patience)
         self.stop_training = stop_training
         self.stop_on_nonfinite = stop_on_nonfinite
+        self.asynchronous = bool(asynchronous)
+        self._background: BackgroundMeasurer | None = None
         self.log_dir = log_dir
         if log_dir is not None:
             _ensure_writable_dir(log_dir)
@@ -92,6 +102,8 @@ class LoRASpectralCallback(TrainerCallback):
         self._restore_from_history(state)
         if state.is_world_process_zero:
             self.monitor.snapshot()
+            if self.asynchronous and self._background is None:
+                self._background = BackgroundMeasurer(self.monitor)
             if self.writer is None:
                 self.writer = TensorBoardWriter(self.log_dir or default_log_dir(args.output_dir))
                 logger.info("lora-spectral-callback: TensorBoard logs in %s", self.writer.log_dir)
@@ -99,10 +111,15 @@ class LoRASpectralCallback(TrainerCallback):
             self._measure_and_act(args, state, control)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if state.global_step % self.every_n_steps == 0 and state.global_step > self.last_measured_step:
+        due = state.global_step % self.every_n_steps == 0 and state.global_step > self.last_measured_step
+        if self.asynchronous:
+            self._deliver(args, state, control, wait=due)
+        if due:
             self._measure_and_act(args, state, control)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.asynchronous:
+            self._deliver(args, state, control, wait=True)
         if self.monitor is not None and state.global_step > self.last_measured_step:
             self._measure_and_act(args, state, control, final=True)
         if self.writer is not None:
@@ -115,13 +132,28 @@ class LoRASpectralCallback(TrainerCallback):
         step = state.global_step
         self.last_measured_step = step
         stop = False
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and self._background is not None and not final:
+            self._guarded("measurement", lambda: self._background.submit(step))
+        elif state.is_world_process_zero:
             report = self._guarded("measurement", lambda: self.monitor.measure(step))
             if report is not None:
                 self.last_report = report
                 stop = self._record_and_decide(args, state, control, report)
         if final:
             return
+        if any_rank(stop):
+            control.should_save = True
+            control.should_training_stop = True
+
+    def _deliver(self, args, state: TrainerState, control: TrainerControl, wait: bool) -> None:
+        """Asynchronous mode: record and act on a finished background measurement. Every rank calls this at
+        every step end so that a stop found on rank 0 reaches all ranks at the same step."""
+        stop = False
+        if state.is_world_process_zero and self._background is not None:
+            report = self._guarded("measurement", lambda: self._background.collect(wait))
+            if report is not None:
+                self.last_report = report
+                stop = self._record_and_decide(args, state, control, report)
         if any_rank(stop):
             control.should_save = True
             control.should_training_stop = True

@@ -81,6 +81,7 @@ class TopSVD:
     error: Tensor  # (k,) bound on ||u_computed - u_true|| (0 for an exact SVD)
     iterations: int  # subspace iterations run (0 for an exact SVD)
     converged: bool
+    block: Tensor | None = None  # (m, p) all Ritz left vectors, descending: the next measurement's warm start
 
 
 def exact_top_singular_triplets(M: LowRankUpdatedMatrix, k: int) -> TopSVD:
@@ -143,8 +144,9 @@ def top_singular_triplets(
 ) -> TopSVD:
     """Top-k singular triplets of ``M`` by warm-started block subspace iteration with Rayleigh-Ritz.
 
-    ``start`` (m x p0) seeds the block; the columns of ``M.B`` are always added since the update's range is where
-    new directions appear. Without a start, or when the seed is thin, Gaussian columns from ``generator`` fill
+    ``start`` (m x p0) seeds the block, its first ``k + oversample`` columns used (pass the previous call's
+    ``block`` to warm-start); the columns of ``M.B`` are always added since the update's range is where new
+    directions appear. Without a start, or when the seed is thin, Gaussian columns from ``generator`` fill
     the block to ``k + oversample`` (the global RNG is never touched).
 
     Iteration stops once every top-k vector's error bound is below ``tol`` and below what
@@ -155,7 +157,7 @@ def top_singular_triplets(
     m, n = M.shape
     k = min(k, m, n)
     p = min(k + oversample, m, n)
-    cols = [] if start is None else [start[:, : min(start.shape[1], m)]]
+    cols = [] if start is None else [start[:, :p]]
     if M.B is not None:
         cols.append(M.B)
     have = sum(c.shape[1] for c in cols)
@@ -173,7 +175,7 @@ def top_singular_triplets(
             wanted = torch.minimum(wanted, needed_accuracy(U[:, :k]))
         unsettled = error > wanted
         if not bool(unsettled.any()):
-            return TopSVD(U[:, :k], S[:k], V[:, :k], error, it, True)
+            return TopSVD(U[:, :k], S[:k], V[:, :k], error, it, True, U)
         # A cosine sitting on a threshold (closer than the working precision can resolve) never settles: stop
         # once the error bound has stopped shrinking instead of burning max_iter iterations.
         worst = float(error[unsettled].max())
@@ -181,4 +183,4 @@ def top_singular_triplets(
         if stalled >= stall_patience:
             break
         Q = _orthonormal_basis(MV)  # one step of subspace iteration: span(M M^T Q)
-    return TopSVD(U[:, :k], S[:k], V[:, :k], error, it, False)
+    return TopSVD(U[:, :k], S[:k], V[:, :k], error, it, False, U)

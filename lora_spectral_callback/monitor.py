@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .layers import MonitoredMatrix, describe_skipped, find_lora_matrices
+from .basis_store import BasisStore
+from .layers import CapturedMatrix, MonitoredMatrix, describe_skipped, find_lora_matrices
 from .linalg import exact_top_singular_triplets, top_singular_triplets
 from .metrics import (
     basis_rounding_error,
@@ -23,7 +24,6 @@ from .metrics import (
     effective_rank,
     low_rank_singular_values,
     max_abs_cosine,
-    pretrained_left_basis,
 )
 from .report import LayerReport, SpectralReport, _eps_key
 
@@ -40,7 +40,12 @@ class SpectralConfig:
 
     ``epsilon`` may be one threshold or several (the first is primary: totals, alerts); all come from one
     decomposition. ``basis_dtype`` is how the pretrained bases are stored: float16 halves memory and moves a
-    cosine by at most 4.9e-4, which the solver accounts for when deciding a count.
+    cosine by at most 4.9e-4, which the solver accounts for when deciding a count. ``basis_device`` is a torch
+    device, or ``"disk"`` to keep the bases memory-mapped from safetensors files (in ``basis_cache_dir``, else a
+    temporary directory); ``basis_cache_dir`` reuses bases computed by earlier runs on the same base weights
+    (see :mod:`.basis_store`). Solver defaults (``oversample=20``, ``tol=0.05``, ``exact_below=128``) were chosen
+    by ``benchmarks/bench_detection.py`` (docs/sections/performance.md): ``tol`` only bounds the error of the
+    reported vectors/cosines; every count is decided by the error bound against its threshold margin regardless.
     """
 
     top_k: int = 10
@@ -50,9 +55,10 @@ class SpectralConfig:
     compute_dtype: str = "float32"
     basis_dtype: str = "float16"
     basis_device: str = "cpu"
-    exact_below: int = 512
-    oversample: int = 10
-    tol: float = 1e-2
+    basis_cache_dir: str | None = None
+    exact_below: int = 128
+    oversample: int = 20
+    tol: float = 0.05
     max_iter: int = 100
     seed: int = 0
     strict: bool = False
@@ -70,6 +76,8 @@ class SpectralConfig:
         for name in ("compute_dtype", "basis_dtype"):
             allowed = ("float32", "float64") if name == "compute_dtype" else tuple(_DTYPES)
             _require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {allowed}")
+        _require(self.basis_device == "disk" or _is_device(self.basis_device), "basis_device", self.basis_device,
+                 '"disk" or a torch device such as "cpu" or "cuda"')
         _require(self.exact_below >= 0, "exact_below", self.exact_below, "an integer >= 0")
         _require(self.oversample >= 0, "oversample", self.oversample, "an integer >= 0")
         _require(0 < self.tol < 1, "tol", self.tol, "a number strictly between 0 and 1")
@@ -81,6 +89,14 @@ class SpectralConfig:
                     re.compile(pattern)
                 except Exception as err:
                     raise ValueError(f"{name}={pattern!r} is not a valid regular expression: {err}") from None
+
+
+def _is_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def _require(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -108,6 +124,7 @@ class SpectralMonitor:
                 + ": wrap the model with peft.get_peft_model(...) and a LoraConfig first."
             )
         self._basis: dict[str, Tensor] = {}
+        self._store = BasisStore(_DTYPES[self.config.basis_dtype], self.config.basis_device, self.config.basis_cache_dir)
         self._warm_start: dict[str, Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._reported: set[tuple[str, str]] = set()
@@ -124,27 +141,33 @@ class SpectralMonitor:
             return
         from tqdm.auto import tqdm
 
-        store = _DTYPES[self.config.basis_dtype]
         for matrix in tqdm(todo, desc="spectral snapshot", disable=not self.config.progress, leave=False):
             with torch.no_grad():
                 W0 = matrix.base_weight().detach().to(self.compute_dtype)
                 if not torch.isfinite(W0).all():
                     raise ValueError(f"pretrained weight of {matrix.name} contains NaN or Inf")
-                self._basis[matrix.name] = pretrained_left_basis(W0).to(self.config.basis_device, store)
+                self._basis[matrix.name] = self._store.basis(W0)
 
     def basis_bytes(self) -> int:
-        """Memory held for the pretrained bases."""
+        """Memory held for the pretrained bases (0 when memory-mapped from disk: only droppable page cache)."""
+        if self._store.on_disk:
+            return 0
         return sum(b.numel() * b.element_size() for b in self._basis.values())
 
     # -- measurement ----------------------------------------------------------------------------------------
-    def measure(self, step: int | None = None) -> SpectralReport:
-        """Measure every monitored matrix; a layer that fails is recorded in ``errors`` and skipped."""
+    def capture(self) -> list[CapturedMatrix]:
+        """The current LoRA state of every monitored matrix, copied, to ``measure`` later (see ``background``)."""
+        return [matrix.capture() for matrix in self.matrices]
+
+    def measure(self, step: int | None = None, matrices: Sequence[MonitoredMatrix | CapturedMatrix] | None = None) -> SpectralReport:
+        """Measure every monitored matrix (or the ``capture()``-d copies given); a layer that fails is recorded in
+        ``errors`` and skipped."""
         self.snapshot()
         start = time.perf_counter()
         layers: dict[str, LayerReport] = {}
         errors: dict[str, str] = {}
         nonfinite: list[str] = []
-        for matrix in self.matrices:
+        for matrix in self.matrices if matrices is None else matrices:
             try:
                 layers[matrix.name] = self.measure_matrix(matrix)
             except _NonFinite as err:
@@ -161,7 +184,7 @@ class SpectralMonitor:
         )
 
     @torch.no_grad()
-    def measure_matrix(self, matrix: MonitoredMatrix) -> LayerReport:
+    def measure_matrix(self, matrix: MonitoredMatrix | CapturedMatrix) -> LayerReport:
         """Top-k singular triplets of one merged weight, their max |cos| with the pretrained basis, and ranks."""
         cfg = self.config
         t0 = time.perf_counter()
@@ -179,9 +202,11 @@ class SpectralMonitor:
         slack = basis_rounding_error(basis.dtype)
         epsilons = torch.tensor(cfg.epsilons, dtype=W0.dtype, device=W0.device)
 
+        def distance(max_cos: Tensor) -> Tensor:  # how far each cosine may move before a count flips
+            return (max_cos[None, :] - epsilons[:, None]).abs().amin(dim=0) - slack
+
         def margin(U: Tensor) -> Tensor:
-            distance = (max_abs_cosine(U, basis)[None, :] - epsilons[:, None]).abs().amin(dim=0)
-            return distance - slack
+            return distance(max_abs_cosine(U, basis))
 
         if min(op.shape) <= cfg.exact_below:
             svd = exact_top_singular_triplets(op, cfg.top_k)
@@ -193,11 +218,11 @@ class SpectralMonitor:
                 op, cfg.top_k, start, oversample=cfg.oversample, tol=cfg.tol, max_iter=cfg.max_iter,
                 needed_accuracy=margin, generator=self._generator(W0.device),
             )
-            self._warm_start[matrix.name] = svd.U
+            self._warm_start[matrix.name] = svd.block
         max_cos = max_abs_cosine(svd.U, basis)
         if not torch.isfinite(svd.S).all():
             raise _NonFinite("merged weight has non-finite singular values")
-        uncertain = int((margin(svd.U) < svd.error).sum())
+        uncertain = int((distance(max_cos) < svd.error).sum())
         counts = count_intruders(max_cos, cfg.epsilons)
         factors = matrix.update_factors(torch.float64, W0.device)
         rank = effective_rank(low_rank_singular_values(*factors)) if factors else 0.0
