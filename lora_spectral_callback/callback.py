@@ -11,6 +11,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .alerts import Alert, IntruderThreshold
+from .background import BackgroundMeasurer
 from .distributed import any_rank
 from .figures import figure_layers, require_matplotlib
 from .monitor import SpectralConfig, SpectralMonitor
@@ -56,6 +57,12 @@ class LoRASpectralCallback(TrainerCallback):
     draws them at the first measurement, every n-th after it and the last, for the ``image_layers`` layers with
     the most intruders (all layers if negative).
 
+    ``asynchronous=True`` copies the LoRA factors at the measurement step and measures in a background thread
+    (see :mod:`.background`): metrics and any stop arrive at a later step (the first step end after it
+    finishes) and are logged at the step they describe. If the previous measurement is still running at the next
+    measurement step, that step waits for it (no measurement is skipped); train end waits too, then measures the
+    final state synchronously. Under DDP this adds a one-integer all-reduce per step, so every rank stops together.
+
     Remaining keyword options go to :class:`SpectralConfig` (``include``, ``exclude``, ``basis_dtype``, ...).
     """
 
@@ -74,6 +81,7 @@ class LoRASpectralCallback(TrainerCallback):
         image_every_n_measurements: int | None = None,
         image_layers: int = 16,
         forgetting_proxy: Callable[[Any], dict[str, float]] | None = None,
+        asynchronous: bool = False,
         **options: Any,
     ) -> None:
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps <= 0:
@@ -93,6 +101,8 @@ class LoRASpectralCallback(TrainerCallback):
         self.threshold = IntruderThreshold(max_intruders, max_intruders_per_layer, patience)
         self.stop_training = stop_training
         self.stop_on_nonfinite = stop_on_nonfinite
+        self.asynchronous = bool(asynchronous)
+        self._background: BackgroundMeasurer | None = None
         self.log_dir = log_dir
         if log_dir is not None:
             _ensure_writable_dir(log_dir)
@@ -120,6 +130,8 @@ class LoRASpectralCallback(TrainerCallback):
         self._restore_from_history(state)
         if state.is_world_process_zero:
             self.monitor.snapshot()
+            if self.asynchronous and self._background is None:
+                self._background = BackgroundMeasurer(self.monitor)
             if self.writer is None:
                 log_dir = self.resolved_log_dir = self.log_dir or default_log_dir(args.output_dir)
                 _ensure_writable_dir(log_dir)
@@ -135,7 +147,10 @@ class LoRASpectralCallback(TrainerCallback):
             self._measure_and_act(args, state, control)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if state.global_step % self.every_n_steps == 0 and state.global_step > self.last_measured_step:
+        due = state.global_step % self.every_n_steps == 0 and state.global_step > self.last_measured_step
+        if self.asynchronous:
+            self._deliver(args, state, control, wait=due)
+        if due:
             self._measure_and_act(args, state, control)
         if self._stop_requested:  # applied here: the Trainer only honours a stop (and its save) after a step
             self._stop_requested = False
@@ -144,6 +159,8 @@ class LoRASpectralCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.asynchronous:
+            self._deliver(args, state, control, wait=True)
         if self.monitor is not None and state.global_step > self.last_measured_step:
             self._measure_and_act(args, state, control, final=True)
         if self.writer is not None:
@@ -156,14 +173,31 @@ class LoRASpectralCallback(TrainerCallback):
         step = state.global_step
         self.last_measured_step = step
         stop = False
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and self._background is not None and not final:
+            self._guarded("measurement", lambda: self._background.submit(step))
+        elif state.is_world_process_zero:
             report = self._guarded("measurement", lambda: self.monitor.measure(step))
             if report is not _FAILED:
-                self.last_report = report
-                stop = self._record_and_decide(args, state, control, report)
-                self._write_pictures(report, final or step >= state.max_steps > 0)
+                stop = self._handle(args, state, control, report, final)
         if not final:
-            self._stop_requested = any_rank(stop)
+            self._stop_requested = any_rank(stop) or self._stop_requested
+
+    def _deliver(self, args, state: TrainerState, control: TrainerControl, wait: bool) -> None:
+        """Asynchronous mode: record and act on a finished background measurement. Every rank calls this at
+        every step end so that a stop found on rank 0 reaches all ranks at the same step."""
+        stop = False
+        if state.is_world_process_zero and self._background is not None:
+            report = self._guarded("measurement", lambda: self._background.collect(wait))
+            if report is not None and report is not _FAILED:
+                stop = self._handle(args, state, control, report, final=False)
+        self._stop_requested = any_rank(stop) or self._stop_requested
+
+    def _handle(self, args, state: TrainerState, control: TrainerControl, report: SpectralReport, final: bool) -> bool:
+        """Record a finished measurement (alerts, TensorBoard, log history, pictures); True means stop."""
+        self.last_report = report
+        stop = self._record_and_decide(args, state, control, report)
+        self._write_pictures(report, final or report.step >= state.max_steps > 0)
+        return stop
 
     def _record_and_decide(self, args, state: TrainerState, control: TrainerControl, report: SpectralReport) -> bool:
         """Alert (hook first), then write and log. A failing hook or writer is added to ``report.errors`` under

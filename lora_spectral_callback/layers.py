@@ -30,7 +30,7 @@ from .metrics import low_rank_singular_values
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MonitoredMatrix", "find_lora_matrices", "has_peft_layers", "describe_skipped", "readable_name"]
+__all__ = ["MonitoredMatrix", "CapturedMatrix", "find_lora_matrices", "has_peft_layers", "describe_skipped", "readable_name"]
 
 _PEFT_PREFIXES = ("base_model.model.", "base_model.")
 
@@ -89,13 +89,18 @@ class MonitoredMatrix:
         Stacking adapters side by side (``[s1 B1, s2 B2] @ [A1; A2]``) keeps the update low-rank and exact;
         ``module.scaling`` already reflects ``alpha/r``, rsLoRA's ``alpha/sqrt(r)`` and rank/alpha patterns.
         """
-        names = self.adapters
-        if not names:
+        return stack_factors(self.adapter_weights(), dtype, device)
+
+    def adapter_weights(self) -> list[tuple[Tensor, Tensor, float]]:
+        """``(B, A, scaling)`` of each active adapter in the (out, in) layout (live parameters, not copies)."""
+        return [(*self.adapter_factors(a), self.module.scaling[a]) for a in self.adapters]
+
+    def dora_magnitude(self) -> Tensor | None:
+        """DoRA's per-row magnitude vector ``m`` (flattened: a conv stores it as ``(1, out, 1, ...)``), or None."""
+        if not self.is_dora():
             return None
-        factors = [self.adapter_factors(a) for a in names]
-        B = torch.cat([B.to(device, dtype) * self.module.scaling[a] for a, (B, _) in zip(names, factors)], dim=1)
-        A = torch.cat([A.to(device, dtype) for _, A in factors], dim=0)
-        return B, A
+        (adapter,) = self.adapters  # checked by find_lora_matrices
+        return self.module.lora_magnitude_vector[adapter].weight.reshape(-1)
 
     def update_singular_values(self, device: torch.device) -> Tensor | None:
         """Exact non-zero singular values of the summed update ``B @ A`` (float64, from the factors)."""
@@ -103,25 +108,82 @@ class MonitoredMatrix:
         return low_rank_singular_values(*factors) if factors else None
 
     def operator(self, W0: Tensor) -> LowRankUpdatedMatrix:
-        """The merged weight around a given copy of the base weight (already in the compute dtype/device).
+        """The merged weight around a given copy of the base weight (already in the compute dtype/device)."""
+        return merged_operator(W0, self.update_factors(W0.dtype, W0.device), self.dora_magnitude())
 
-        DoRA (Liu et al. 2024) rescales each output row: ``m * (W0 + dW) / ||W0 + dW||_row``; the row norms are
-        computed from the factors in O(mnr) without forming ``W0 + dW``. For a conv the magnitude is stored as
-        ``(1, out, 1, ...)`` and the norm runs over a whole output filter, i.e. a row of the flattened kernel.
+    @torch.no_grad()
+    def capture(self) -> CapturedMatrix:
+        """A frozen copy of what a measurement reads, for measuring later (e.g. in a background thread).
+
+        Copies the small trainable parts (LoRA factors, DoRA magnitude: O((m+n) r)). The base weight is read
+        live when it is frozen (``requires_grad=False``, as under LoRA: nothing changes it), else copied too.
         """
-        factors = self.update_factors(W0.dtype, W0.device)
-        if factors is None:
-            return LowRankUpdatedMatrix(W0)
-        B, A = factors
-        row_scale = None
-        if self.is_dora():
-            (adapter,) = self.adapters  # checked by find_lora_matrices
-            magnitude = self.module.lora_magnitude_vector[adapter].weight.reshape(-1).to(W0.device, W0.dtype)
-            BA_rows = ((B @ (A @ A.T)) * B).sum(dim=1)  # ||(B A)_i||^2
-            cross = ((W0 @ A.T) * B).sum(dim=1)  # <W0_i, (B A)_i>
-            norms = ((W0 * W0).sum(dim=1) + 2 * cross + BA_rows).clamp_min(0).sqrt()
-            row_scale = magnitude / norms
-        return LowRankUpdatedMatrix(W0, B, A, row_scale)
+        magnitude = self.dora_magnitude()
+        base = self.base_weight()
+        return CapturedMatrix(
+            self.name,
+            self,
+            [(B.detach().clone(), A.detach().clone(), s) for B, A, s in self.adapter_weights()],
+            None if magnitude is None else magnitude.detach().clone(),
+            base.detach().clone() if base.requires_grad else None,
+        )
+
+
+@dataclass
+class CapturedMatrix:
+    """The state of a :class:`MonitoredMatrix` at one step, with the same measuring interface."""
+
+    name: str
+    live: MonitoredMatrix
+    weights: list[tuple[Tensor, Tensor, float]]  # copies of each active adapter's (B, A, scaling)
+    magnitude: Tensor | None
+    base: Tensor | None  # a copy when the live base weight was trainable, else None (read live)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.live.module
+
+    def base_weight(self) -> Tensor:
+        return self.live.base_weight() if self.base is None else self.base
+
+    def update_factors(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        return stack_factors(self.weights, dtype, device)
+
+    def update_singular_values(self, device: torch.device) -> Tensor | None:
+        factors = self.update_factors(torch.float64, device)
+        return low_rank_singular_values(*factors) if factors else None
+
+    def operator(self, W0: Tensor) -> LowRankUpdatedMatrix:
+        return merged_operator(W0, self.update_factors(W0.dtype, W0.device), self.magnitude)
+
+
+def stack_factors(weights: list[tuple[Tensor, Tensor, float]], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """``(B, A)`` with ``B @ A = sum_a s_a B_a A_a``: adapters stacked side by side, scaling folded into B."""
+    if not weights:
+        return None
+    B = torch.cat([B.to(device, dtype) * s for B, _, s in weights], dim=1)
+    A = torch.cat([A.to(device, dtype) for _, A, _ in weights], dim=0)
+    return B, A
+
+
+def merged_operator(W0: Tensor, factors: tuple[Tensor, Tensor] | None, magnitude: Tensor | None) -> LowRankUpdatedMatrix:
+    """``W0 + B A`` as an operator, with DoRA's row rescaling when ``magnitude`` is given.
+
+    DoRA (Liu et al. 2024) rescales each output row: ``m * (W0 + dW) / ||W0 + dW||_row``; the row norms are
+    computed from the factors in O(mnr) without forming ``W0 + dW``. For a conv the norm runs over a whole output
+    filter, i.e. a row of the flattened kernel.
+    """
+    if factors is None:
+        return LowRankUpdatedMatrix(W0)
+    B, A = factors
+    row_scale = None
+    if magnitude is not None:
+        magnitude = magnitude.to(W0.device, W0.dtype)
+        BA_rows = ((B @ (A @ A.T)) * B).sum(dim=1)  # ||(B A)_i||^2
+        cross = ((W0 @ A.T) * B).sum(dim=1)  # <W0_i, (B A)_i>
+        norms = ((W0 * W0).sum(dim=1) + 2 * cross + BA_rows).clamp_min(0).sqrt()
+        row_scale = magnitude / norms
+    return LowRankUpdatedMatrix(W0, B, A, row_scale)
 
 
 def _adapter_names(module: nn.Module) -> set[str]:

@@ -81,6 +81,7 @@ class TopSVD:
     error: Tensor  # (k,) bound on ||u_computed - u_true|| (0 for an exact SVD)
     iterations: int  # subspace iterations run (0 for an exact SVD)
     converged: bool
+    block: Tensor | None = None  # (m, p) all Ritz left vectors, descending: the next measurement's warm start
 
 
 def exact_top_singular_triplets(M: LowRankUpdatedMatrix, k: int) -> TopSVD:
@@ -146,8 +147,9 @@ def top_singular_triplets(
 ) -> TopSVD:
     """Top-k singular triplets of ``M`` by warm-started block subspace iteration with Rayleigh-Ritz.
 
-    ``start`` (m x p0) seeds the block; the columns of ``M.B`` are always added since the update's range is where
-    new directions appear. Without a start, or when the seed is thin, Gaussian columns from ``generator`` fill
+    ``start`` (m x p0) seeds the block, its first ``k + oversample`` columns used (pass the previous call's
+    ``block`` to warm-start); the columns of ``M.B`` are always added since the update's range is where new
+    directions appear. Without a start, or when the seed is thin, Gaussian columns from ``generator`` fill
     the block to ``k + oversample`` (the global RNG is never touched).
 
     Iteration stops once every top-k vector's error bound is below ``tol`` and below what
@@ -162,7 +164,7 @@ def top_singular_triplets(
     k = min(k, m, n)
     p = min(k + oversample, m, n)
     max_block = min(max_block or 8 * (k + oversample), m, n)
-    cols = [] if start is None else [start[:, : min(start.shape[1], m)]]
+    cols = [] if start is None else [start[:, :p]]
     if M.B is not None:
         cols.append(M.B)
     have = sum(c.shape[1] for c in cols)
@@ -179,7 +181,7 @@ def top_singular_triplets(
             needed = needed_accuracy(U[:, :k])
             unsettled = (error > needed) & (needed + error > 0)
         if not bool(unsettled.any()):
-            return TopSVD(U[:, :k], S[:k], V[:, :k], error, it, True)
+            return TopSVD(U[:, :k], S[:k], V[:, :k], error, it, True, U)
         # (Only an informative bound counts: far from convergence it sits at its cap of 2 for a while.)
         worst = float(error[unsettled].max())
         if worst < 0.7 * best:
@@ -193,7 +195,7 @@ def top_singular_triplets(
             grow = min(Q.shape[1], max_block - Q.shape[1])
             Q = _orthonormal_basis(torch.cat([Q, _gaussian(M, grow, generator)], dim=1))
             best, stalled = float("inf"), 0
-    return TopSVD(U[:, :k], S[:k], V[:, :k], error, it, False)
+    return TopSVD(U[:, :k], S[:k], V[:, :k], error, it, False, U)
 
 
 def _gaussian(M: LowRankUpdatedMatrix, columns: int, generator: torch.Generator | None) -> Tensor:

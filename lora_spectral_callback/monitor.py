@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .basis_store import BasisStore
 from .full_finetune import DenseMatrix, find_dense_matrices
-from .layers import MonitoredMatrix, describe_skipped, find_lora_matrices, has_peft_layers
+from .layers import CapturedMatrix, MonitoredMatrix, describe_skipped, find_lora_matrices, has_peft_layers
 from .linalg import TopSVD, exact_top_singular_triplets, top_singular_triplets
 from .metrics import (
     basis_rounding_error,
     count_intruders,
     effective_rank,
     max_abs_cosine,
-    pretrained_left_basis,
 )
 from .report import LayerReport, LayerSpectra, SpectralReport, _eps_key
 
@@ -46,6 +46,11 @@ class SpectralConfig:
     of a fully fine-tuned model against a copy of their pretrained weights taken at construction, stored in
     ``weight_copy_dtype`` on ``basis_device`` (see :mod:`.full_finetune`); ``"auto"`` picks ``"lora"`` iff PEFT
     has put adapter layers into the model.
+    ``basis_device`` is a torch device, or ``"disk"`` to keep the bases memory-mapped from safetensors files (in
+    ``basis_cache_dir``, else a temporary directory); ``basis_cache_dir`` reuses bases computed by earlier runs on
+    the same base weights (see :mod:`.basis_store`). Solver defaults (``oversample=20``, ``tol=0.05``,
+    ``exact_below=128``) were chosen with ``benchmarks/bench_detection.py``: ``tol`` only bounds the error of the
+    reported vectors/cosines; every count is decided by the error bound against its threshold margin regardless.
     """
 
     top_k: int = 10
@@ -55,9 +60,10 @@ class SpectralConfig:
     compute_dtype: str = "float32"
     basis_dtype: str = "float16"
     basis_device: str = "cpu"
-    exact_below: int = 512
-    oversample: int = 10
-    tol: float = 1e-2
+    basis_cache_dir: str | None = None
+    exact_below: int = 128
+    oversample: int = 20
+    tol: float = 0.05
     max_iter: int = 100
     seed: int = 0
     strict: bool = False
@@ -84,6 +90,8 @@ class SpectralConfig:
         _require(_is_int(self.oversample) and self.oversample >= 0, "oversample", self.oversample, "an integer >= 0")
         _require(isinstance(self.tol, (int, float)) and 0 < self.tol < 1, "tol", self.tol, "a number strictly between 0 and 1")
         _require(_is_int(self.max_iter) and self.max_iter >= 1, "max_iter", self.max_iter, "an integer >= 1")
+        _require(self.basis_device == "disk" or _is_device(self.basis_device), "basis_device", self.basis_device,
+                 '"disk" or a torch device such as "cpu" or "cuda"')
         for name in ("include", "exclude"):
             pattern = getattr(self, name)
             if pattern is not None:
@@ -91,6 +99,14 @@ class SpectralConfig:
                     re.compile(pattern)
                 except Exception as err:
                     raise ValueError(f"{name}={pattern!r} is not a valid regular expression: {err}") from None
+
+
+def _is_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def _require(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -121,7 +137,8 @@ class SpectralMonitor:
             self.mode = "lora" if has_peft_layers(model) or cfg.include is None else "full"
         self.matrices: list[MonitoredMatrix | DenseMatrix]
         if self.mode == "full":
-            self.matrices = find_dense_matrices(model, cfg.include, cfg.exclude, _DTYPES[cfg.weight_copy_dtype], cfg.basis_device)
+            copy_device = "cpu" if cfg.basis_device == "disk" else cfg.basis_device
+            self.matrices = find_dense_matrices(model, cfg.include, cfg.exclude, _DTYPES[cfg.weight_copy_dtype], copy_device)
             copied = sum(m.copy_bytes() for m in self.matrices)
             log = logger.warning if cfg.mode == "auto" else logger.info  # say so loudly if it was not asked for
             log("lora-spectral-callback: %sfull fine-tuning mode: %d matrices, %.1f MB of pretrained weight copies",
@@ -135,6 +152,7 @@ class SpectralMonitor:
         self._basis: dict[str, Tensor] = {}
         self._shapes: dict[str, torch.Size] = {}
         self._snapshot_errors: dict[str, tuple[type[Exception], str]] = {}
+        self._store = BasisStore(_DTYPES[self.config.basis_dtype], self.config.basis_device, self.config.basis_cache_dir)
         self._warm_start: dict[str, Tensor] = {}
         self._last_vectors: dict[str, Tensor] = {}  # top-k left singular vectors of the last measurement
         self._pretrained_sv: dict[str, Tensor] = {}  # filled lazily by spectra()
@@ -157,14 +175,13 @@ class SpectralMonitor:
             return
         from tqdm.auto import tqdm
 
-        store = _DTYPES[self.config.basis_dtype]
         for matrix in tqdm(todo, desc="spectral snapshot", disable=not self.config.progress, leave=False):
             try:
                 with torch.no_grad():
                     W0 = matrix.base_weight().detach().to(self.compute_dtype)
                     if not torch.isfinite(W0).all():
                         raise _NonFinite("pretrained weight contains NaN or Inf")
-                    self._basis[matrix.name] = pretrained_left_basis(W0).to(self.config.basis_device, store)
+                    self._basis[matrix.name] = self._store.basis(W0)
                     self._shapes[matrix.name] = W0.shape
                     self._snapshot_errors.pop(matrix.name, None)
             except Exception as err:
@@ -177,19 +194,26 @@ class SpectralMonitor:
                     self._snapshot_errors[matrix.name] = (RuntimeError, f"pretrained snapshot failed: {type(err).__name__}: {err}")
 
     def basis_bytes(self) -> int:
-        """Memory held for the pretrained bases."""
+        """Memory held for the pretrained bases (0 when memory-mapped from disk: only droppable page cache)."""
+        if self._store.on_disk:
+            return 0
         return sum(b.numel() * b.element_size() for b in self._basis.values())
 
     # -- measurement ----------------------------------------------------------------------------------------
-    def measure(self, step: int | None = None) -> SpectralReport:
-        """Measure every monitored matrix; a layer that fails is recorded in ``errors`` and skipped."""
+    def capture(self) -> list[CapturedMatrix]:
+        """The current LoRA state of every monitored matrix, copied, to ``measure`` later (see ``background``)."""
+        return [matrix.capture() for matrix in self.matrices]
+
+    def measure(self, step: int | None = None, matrices: Sequence[MonitoredMatrix | CapturedMatrix] | None = None) -> SpectralReport:
+        """Measure every monitored matrix (or the ``capture()``-d copies given); a layer that fails is recorded in
+        ``errors`` and skipped."""
         self.snapshot()
         start = time.perf_counter()
         layers: dict[str, LayerReport] = {}
         errors: dict[str, str] = {}
         nonfinite: list[str] = []
         present = {id(module) for module in self.model.modules()}
-        for matrix in self.matrices:
+        for matrix in self.matrices if matrices is None else matrices:
             try:
                 if id(matrix.module) not in present:
                     raise RuntimeError("layer is no longer part of the model (removed or replaced since the snapshot)")
@@ -211,7 +235,7 @@ class SpectralMonitor:
         )
 
     @torch.no_grad()
-    def measure_matrix(self, matrix: MonitoredMatrix | DenseMatrix) -> LayerReport:
+    def measure_matrix(self, matrix: MonitoredMatrix | CapturedMatrix | DenseMatrix) -> LayerReport:
         """Top-k singular triplets of one merged weight, their max |cos| with the pretrained basis, and ranks."""
         cfg = self.config
         t0 = time.perf_counter()
@@ -232,7 +256,7 @@ class SpectralMonitor:
         )
 
     @torch.no_grad()
-    def decompose(self, matrix: MonitoredMatrix) -> tuple[TopSVD, Tensor, int]:
+    def decompose(self, matrix: MonitoredMatrix | CapturedMatrix | DenseMatrix) -> tuple[TopSVD, Tensor, int]:
         """The detection step shared by measurement and mitigation: top-k singular triplets of one merged weight
         (in ``compute_dtype``), each left vector's max |cos| with the pretrained basis, and how many of those
         cosines lie closer to a threshold than their error bound."""
@@ -255,9 +279,11 @@ class SpectralMonitor:
         slack = basis_rounding_error(basis.dtype)
         epsilons = torch.tensor(cfg.epsilons, dtype=W0.dtype, device=W0.device)
 
+        def distance(max_cos: Tensor) -> Tensor:  # how far each cosine may move before a count flips
+            return (max_cos[None, :] - epsilons[:, None]).abs().amin(dim=0) - slack
+
         def margin(U: Tensor) -> Tensor:
-            distance = (max_abs_cosine(U, basis)[None, :] - epsilons[:, None]).abs().amin(dim=0)
-            return distance - slack
+            return distance(max_abs_cosine(U, basis))
 
         if min(op.shape) <= cfg.exact_below:
             svd = exact_top_singular_triplets(op, cfg.top_k)
@@ -269,12 +295,12 @@ class SpectralMonitor:
                 op, cfg.top_k, start, oversample=cfg.oversample, tol=cfg.tol, max_iter=cfg.max_iter,
                 needed_accuracy=margin, generator=self._generator(W0.device),
             )
-            self._warm_start[matrix.name] = svd.U
+            self._warm_start[matrix.name] = svd.block
         self._last_vectors[matrix.name] = svd.U
         max_cos = max_abs_cosine(svd.U, basis)
         if not torch.isfinite(svd.S).all():
             raise _NonFinite("merged weight has non-finite singular values")
-        uncertain = int((margin(svd.U) < svd.error).sum())
+        uncertain = int((distance(max_cos) < svd.error).sum())
         return svd, max_cos, uncertain
 
     @torch.no_grad()

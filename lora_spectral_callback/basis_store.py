@@ -1,0 +1,111 @@
+"""Where the pretrained bases live: in memory, or in memory-mapped safetensors files reused across runs.
+
+Pure torch + safetensors. The thin left singular basis ``U0`` of a pretrained weight is the one expensive,
+one-time part of monitoring (a full SVD) and, stored in fp16, as large as the weight itself in fp16. Two things
+make it cheaper:
+
+- a **cache** keyed by a hash of the weight (plus shape and dtypes): a sweep of runs on one base model computes
+  each basis once (``cache_dir``);
+- **disk storage** (``device="disk"``): the basis stays in its safetensors file and is memory-mapped, so the
+  process holds only page cache the OS can drop, not resident copies; every measurement streams it once.
+
+Files are standard safetensors (one tensor ``"basis"``), written atomically (temp file + rename) so concurrent
+runs sharing a cache never read a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .metrics import pretrained_left_basis
+
+__all__ = ["BasisStore", "weight_fingerprint"]
+
+_KEY = "basis"
+_NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+def weight_fingerprint(W: Tensor) -> str:
+    """BLAKE2b hash of a weight's bytes, shape and dtype: equal fingerprints mean the same basis."""
+    data = W.detach().to("cpu").contiguous()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tuple(data.shape)}|{data.dtype}".encode())
+    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
+class BasisStore:
+    """Computes, caches and hands out pretrained left bases.
+
+    ``dtype``: storage dtype of the basis. ``device``: a torch device to hold it on, or ``"disk"`` to keep it
+    memory-mapped from ``cache_dir`` (a private temporary directory when none is given). ``cache_dir``: reuse a
+    basis computed earlier for a weight with the same fingerprint. ``computed`` counts the SVDs actually run.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: str = "cpu", cache_dir: str | None = None) -> None:
+        if device == "disk" and dtype not in _NUMPY:
+            raise ValueError(f"basis_dtype={dtype} cannot be memory-mapped: use float16, float32 or float64")
+        self.dtype = dtype
+        self.device = device
+        self._tmp = tempfile.TemporaryDirectory(prefix="lora-spectral-") if device == "disk" and not cache_dir else None
+        self.cache_dir = self._tmp.name if self._tmp is not None else cache_dir
+        self.computed = 0
+
+    @property
+    def on_disk(self) -> bool:
+        return self.device == "disk"
+
+    def basis(self, W0: Tensor) -> Tensor:
+        """The thin left singular basis of ``W0`` (already in the compute dtype), from cache if possible."""
+        if self.cache_dir is None:
+            return self._compute(W0).to(self.device, self.dtype)
+        path = os.path.join(self.cache_dir, f"{weight_fingerprint(W0)}-{str(self.dtype).removeprefix('torch.')}.safetensors")
+        if not os.path.exists(path):
+            _save_atomically(self._compute(W0).to("cpu", self.dtype), path)
+        if self.on_disk:
+            return _memory_map(path)
+        from safetensors.torch import load_file
+
+        return load_file(path)[_KEY].to(self.device)
+
+    def _compute(self, W0: Tensor) -> Tensor:
+        self.computed += 1
+        return pretrained_left_basis(W0, W0.dtype)
+
+
+def _save_atomically(U0: Tensor, path: str) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({_KEY: U0.contiguous()}, tmp, metadata={"producer": "lora-spectral-callback"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _memory_map(path: str) -> Tensor:
+    """The ``basis`` tensor of a safetensors file as a copy-on-write memory map (no bytes read up front).
+
+    safetensors' layout is an 8-byte little-endian header length, a JSON header with each tensor's dtype, shape
+    and byte offsets, then the raw data; we map the data region directly (``safe_open`` would copy it).
+    """
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    info = header[_KEY]
+    dtype = {"F16": np.float16, "F32": np.float32, "F64": np.float64}[info["dtype"]]
+    start, _ = info["data_offsets"]
+    array = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_len + start, shape=tuple(info["shape"]))
+    return torch.from_numpy(array)
