@@ -157,19 +157,19 @@ def test_out_of_memory_during_svd(tmp_path, caplog, monkeypatch, error, exact_be
 
 
 def test_out_of_memory_in_the_pretrained_snapshot_skips_the_layer(tmp_path, caplog, monkeypatch):
-    from lora_spectral_callback import monitor
+    from lora_spectral_callback import basis_store
 
-    real = monitor.pretrained_left_basis
+    real = basis_store.pretrained_left_basis
 
     failures = []
 
-    def basis(W0):  # the first layer fails at train begin and at the retry before the step-0 measurement
+    def basis(W0, dtype):  # the first layer fails at train begin and at the retry before the step-0 measurement
         if len(failures) < 2 and W0.data_ptr() in failures + [W0.data_ptr()] * (not failures):
             failures.append(W0.data_ptr())
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return real(W0)
+        return real(W0, dtype)
 
-    monkeypatch.setattr(monitor, "pretrained_left_basis", basis)
+    monkeypatch.setattr(basis_store, "pretrained_left_basis", basis)
     trainer, callback = run(tmp_path, lambda model, step: None, caplog)
     assert trainer.state.global_step == MAX_STEPS
     assert len(warnings_about(caplog, "pretrained snapshot failed: OutOfMemoryError")) == 1
