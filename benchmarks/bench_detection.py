@@ -15,6 +15,7 @@ Example (the table in docs/sections/performance.md)::
 
     python benchmarks/bench_detection.py --threads 2
     python benchmarks/bench_detection.py --quick        # n = 1024 only, one repeat
+    python benchmarks/bench_detection.py --device cuda --basis-device cuda   # on a GPU
 """
 
 from __future__ import annotations
@@ -92,11 +93,18 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
     On a shared machine wall time includes waiting for cores; CPU time is closer to the work done."""
     wall, cpu, out = [], [], None
     for _ in range(repeats):
+        _synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
+        _synchronize()
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return statistics.median(wall), statistics.median(cpu), out
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def counts_of(report) -> dict[float, int]:
@@ -109,13 +117,17 @@ def run_case(n: int, decay: float, args: argparse.Namespace, monitor_options: di
     B2 = B + args.drift * B.norm() / B.numel() ** 0.5 * torch.randn(B.shape, generator=g)
     A2 = A + args.drift * A.norm() / A.numel() ** 0.5 * torch.randn(A.shape, generator=g)
 
-    naive_s, naive_cpu, naive = timed(lambda: full_svd_counts(W0, W0 + B @ A, torch.float32), args.naive_repeats)
+    dev = torch.device(args.device)
+    W0d, Bd, Ad = W0.to(dev), B.to(dev), A.to(dev)
+    full_svd_counts(W0d[:64, :64], W0d[:64, :64], torch.float32)  # warm up the device's SVD kernels
+    naive_s, naive_cpu, naive = timed(lambda: full_svd_counts(W0d, W0d + Bd @ Ad, torch.float32), args.naive_repeats)
+    del W0d, Bd, Ad
     U0 = torch.linalg.svd(W0.double(), full_matrices=False)[0]
     reference = full_svd_counts(W0, W0 + B @ A, torch.float64, U0)
     reference2 = full_svd_counts(W0, W0 + B2 @ A2, torch.float64, U0)
     del U0
 
-    model = lora_model(W0, B, A)
+    model = lora_model(W0, B, A).to(dev)
     monitor = SpectralMonitor(model, top_k=TOP_K, epsilon=list(EPSILONS), progress=False, **monitor_options)
     t0 = time.perf_counter()
     monitor.snapshot()
@@ -189,16 +201,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--basis-dtype", default="float16")
     parser.add_argument("--quick", action="store_true", help="n = 1024 only, one repeat (a smoke run)")
+    parser.add_argument("--device", default="cpu", help="where the weights live and both methods compute (e.g. cuda)")
+    parser.add_argument("--basis-device", default="cpu", help="where the monitor keeps the pretrained bases")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.repeats = [1024], 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, basis_dtype={args.basis_dtype}", flush=True)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {where}, basis_dtype={args.basis_dtype}, basis on {args.basis_device}", flush=True)
     rows = []
     for n in args.sizes:
         for decay in args.decays:
-            rows.append(run_case(n, decay, args, {"basis_dtype": args.basis_dtype}))
+            rows.append(run_case(n, decay, args, {"basis_dtype": args.basis_dtype, "basis_device": args.basis_device}))
             r = rows[-1]
             print(f"n={n} {r['spectrum']}: naive {r['naive_s']:.2f}s cold {r['cold_s']:.3f}s warm {r['warm_s']:.3f}s "
                   f"ok={r['naive_ok']},{r['cold_ok']},{r['warm_ok']} iters {r['iters']}", flush=True)
