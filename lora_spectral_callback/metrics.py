@@ -49,7 +49,7 @@ def max_abs_cosine(U: Tensor, U0: Tensor, chunk: int = 1024) -> Tensor:
     """
     best = torch.zeros(U.shape[1], dtype=U.dtype, device=U.device)
     for j in range(0, U0.shape[1], chunk):
-        block = U0[:, j : j + chunk].to(device=U.device, dtype=U.dtype)
+        block = U0[:, j : j + chunk].to(U.device).to(U.dtype)  # move the narrow dtype, widen on the device
         best = torch.maximum(best, (block.T @ U).abs().amax(dim=0))
     return best
 
