@@ -13,6 +13,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .alerts import Alert, IntruderThreshold
 from .background import BackgroundMeasurer
 from .distributed import any_rank
+from .full_finetune import load_baseline, save_baseline
 from .figures import figure_layers, require_matplotlib
 from .monitor import SpectralConfig, SpectralMonitor
 from .report import SpectralReport
@@ -24,6 +25,8 @@ __all__ = ["LoRASpectralCallback", "default_log_dir"]
 
 _HISTORY_KEY = "spectral/intruders_total"
 _WAIT_KEY = "spectral/alert_wait"
+_BASELINE_KEY = "spectral/baseline_fingerprint"  # full fine-tuning: which stored pretrained copies were used
+_BASELINE_FILE = "spectral_baseline.safetensors"
 _MAX_WRITE_FAILURES = 3  # consecutive failed TensorBoard writes before the writer is given up
 _FAILED = object()  # what _guarded returns when the guarded call failed
 
@@ -120,6 +123,7 @@ class LoRASpectralCallback(TrainerCallback):
         self._reported: set[tuple[str, str]] = set()
         self._write_failures = 0
         self._stop_requested = False
+        self._baseline_fingerprint: str | None = None
 
     # -- Trainer events --------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -129,6 +133,8 @@ class LoRASpectralCallback(TrainerCallback):
             self.monitor = SpectralMonitor(model, **self.options)
         self._restore_from_history(state)
         if state.is_world_process_zero:
+            if self.monitor.mode == "full":
+                self._full_finetune_baseline(args.output_dir)
             self.monitor.snapshot()
             if self.asynchronous and self._background is None:
                 self._background = BackgroundMeasurer(self.monitor)
@@ -217,7 +223,10 @@ class LoRASpectralCallback(TrainerCallback):
         if drift and self.writer is not None:
             self._guarded("TensorBoard write", lambda: self.writer.write_scalars(drift, report.step))
         logs = {**headline_metrics(report), **drift}
-        state.log_history.append({**logs, _WAIT_KEY: self.threshold.wait, "step": report.step})
+        history = {**logs, _WAIT_KEY: self.threshold.wait, "step": report.step}
+        if self._baseline_fingerprint is not None:
+            history[_BASELINE_KEY] = self._baseline_fingerprint
+        state.log_history.append(history)
         if self._handler is not None:  # lets report_to integrations (W&B, MLflow, ...) see the numbers
             # CallbackHandler.on_log clears control.should_log; on rank 0 only, that would skip the Trainer's own
             # logging step, whose loss gather is a collective under DDP: the ranks then deadlock or crash.
@@ -253,16 +262,29 @@ class LoRASpectralCallback(TrainerCallback):
             names = figure_layers(report, self.image_layers)
             self._guarded("TensorBoard pictures", lambda: self.writer.write_figures(report, self.monitor.spectra(names), report.step))
 
+    def _full_finetune_baseline(self, output_dir: str) -> None:
+        """Full fine-tuning compares against copies of weights that training changes: the first run saves them
+        beside its checkpoints, and a resumed run (whose model is already fine-tuned) reads them back, checked
+        against the fingerprint in its log history; a missing or different baseline is a clear error."""
+        path = os.path.join(output_dir, _BASELINE_FILE)
+        if self.last_measured_step >= 0:
+            load_baseline(self.monitor.matrices, path, self._baseline_fingerprint)
+        else:
+            os.makedirs(output_dir, exist_ok=True)
+            self._baseline_fingerprint = save_baseline(self.monitor.matrices, path)
+
     def _restore_from_history(self, state: TrainerState) -> None:
         """A resumed run continues the series: last measured step and patience come back from the log history,
         which the Trainer restores from ``trainer_state.json`` whether or not callback states are restored.
         A new run (empty history) starts afresh even if this callback object was used before."""
         self.last_measured_step = -1
         self.threshold.load_state_dict({"wait": 0})
+        self._baseline_fingerprint = None
         for entry in reversed(state.log_history):
             if _HISTORY_KEY in entry:
                 self.last_measured_step = int(entry["step"])
                 self.threshold.load_state_dict({"wait": entry.get(_WAIT_KEY, 0)})
+                self._baseline_fingerprint = entry.get(_BASELINE_KEY)
                 return
 
     def _guarded(self, what: str, fn: Callable[[], Any], report: SpectralReport | None = None) -> Any:
@@ -290,7 +312,7 @@ def _calling_callback_handler(callback: TrainerCallback) -> Any:
     metrics; the handler is the caller of our event methods, so we look a few frames up for it.
     """
     frame = sys._getframe(1)
-    for _ in range(4):
+    for _ in range(8):
         if frame is None:
             return None
         candidate = frame.f_locals.get("self")

@@ -12,6 +12,7 @@ A :class:`DenseMatrix` implements the same small interface as :class:`~.layers.M
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from .linalg import LowRankUpdatedMatrix
 
-__all__ = ["DenseMatrix", "find_dense_matrices", "weight_matrix"]
+__all__ = ["DenseMatrix", "find_dense_matrices", "weight_matrix", "save_baseline", "load_baseline"]
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
@@ -94,3 +95,44 @@ def find_dense_matrices(
             continue
         found.append(DenseMatrix.snapshot_of(name, module, dtype, device))
     return found
+
+
+def baseline_fingerprint(matrices: list[DenseMatrix]) -> str:
+    """One hash over every stored pretrained copy: a resumed run checks it measures against the same baseline."""
+    from .basis_store import weight_fingerprint
+
+    return weight_fingerprint(torch.cat([m.pretrained.reshape(-1).float() for m in matrices]))
+
+
+def save_baseline(matrices: list[DenseMatrix], path: str) -> str:
+    """Write the pretrained copies to ``path`` (safetensors); returns their fingerprint.
+
+    A full fine-tune changes the very weights it is compared against, so a run resumed from a checkpoint cannot
+    take the copies again: it must read the ones the first run saved."""
+    from safetensors.torch import save_file
+
+    fingerprint = baseline_fingerprint(matrices)
+    save_file({m.name: m.pretrained.contiguous() for m in matrices}, path, metadata={"fingerprint": fingerprint})
+    return fingerprint
+
+
+def load_baseline(matrices: list[DenseMatrix], path: str, fingerprint: str) -> None:
+    """Replace the copies taken from the (resumed, already fine-tuned) model by the first run's, after checking
+    they are the baseline the run's history was measured against."""
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        raise ValueError(
+            f"resuming a full fine-tune needs the pretrained baseline the first run saved at {path!r}, which is "
+            "missing: without it the monitor would compare the fine-tuned weights with themselves"
+        )
+    stored = load_file(path)
+    for m in matrices:
+        if m.name not in stored or stored[m.name].shape != m.pretrained.shape:
+            raise ValueError(f"the pretrained baseline at {path!r} does not match the monitored layer {m.name}")
+        m.pretrained = stored[m.name].to(m.pretrained.device, m.pretrained.dtype)
+    if baseline_fingerprint(matrices) != fingerprint:
+        raise ValueError(
+            f"the pretrained baseline at {path!r} is not the one this run's history was measured against "
+            "(fingerprint mismatch): it was overwritten by another run"
+        )

@@ -145,3 +145,33 @@ def test_auto_mode_refuses_other_peft_tuners():
     model = get_peft_model(tiny_bert(), LoHaConfig(r=4, target_modules=["query"]))
     with pytest.raises(ValueError, match="No LoRA layer"):
         SpectralMonitor(model, progress=False)
+
+
+def test_resumed_full_finetune_measures_against_the_first_runs_baseline(tmp_path):
+    """The resumed model is already fine-tuned: the monitor must use the copies the first run saved, not retake
+    them; a missing or different baseline stops the resume with a clear error."""
+    from transformers import Trainer, TrainingArguments
+
+    from helpers import RandomTokens
+    from lora_spectral_callback import LoRASpectralCallback
+
+    def trainer(model, max_steps):
+        callback = LoRASpectralCallback(every_n_steps=2, epsilon=EPS, include=r"query|value", log_dir=str(tmp_path / "tb"), progress=False, strict=True)
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=8,
+                                 learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
+                                 disable_tqdm=True, seed=0)
+        return Trainer(model=model, args=args, train_dataset=RandomTokens(n=32), callbacks=[callback]), callback
+
+    pretrained = tiny_bert(hidden=64)
+    first, _ = trainer(copy.deepcopy(pretrained), max_steps=2)
+    first.train()
+    resumed, callback = trainer(copy.deepcopy(pretrained), max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert callback.last_report.step == 4
+    assert_matches(callback.last_report, *recount(callback.monitor, pretrained))
+    assert callback.last_report.layers[next(iter(callback.last_report.layers))].effective_rank > 1  # not W vs W
+
+    (tmp_path / "out" / "spectral_baseline.safetensors").unlink()
+    again, _ = trainer(copy.deepcopy(pretrained), max_steps=6)
+    with pytest.raises(ValueError, match="needs the pretrained baseline the first run saved"):
+        again.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
