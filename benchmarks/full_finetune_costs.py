@@ -1,4 +1,4 @@
-"""Measurements quoted in docs/sections/coverage.md for full fine-tuning mode.
+"""Measurements quoted in the README, "Supported fine-tuning setups" for full fine-tuning mode.
 
     python benchmarks/full_finetune_costs.py svd            # cost/accuracy of the effective rank of a full-rank dW
     python benchmarks/full_finetune_costs.py copy-dtype     # float32 vs float16 weight copies on a MiniLM fine-tune
