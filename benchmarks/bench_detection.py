@@ -121,7 +121,6 @@ def run_case(n: int, decay: float, args: argparse.Namespace, monitor_options: di
     W0d, Bd, Ad = W0.to(dev), B.to(dev), A.to(dev)
     full_svd_counts(W0d[:64, :64], W0d[:64, :64], torch.float32)  # warm up the device's SVD kernels
     naive_s, naive_cpu, naive = timed(lambda: full_svd_counts(W0d, W0d + Bd @ Ad, torch.float32), args.naive_repeats)
-    del W0d, Bd, Ad
     U0 = torch.linalg.svd(W0.double(), full_matrices=False)[0]
     reference = full_svd_counts(W0, W0 + B @ A, torch.float64, U0)
     reference2 = full_svd_counts(W0, W0 + B2 @ A2, torch.float64, U0)
