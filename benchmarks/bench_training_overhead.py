@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--asynchronous", action="store_true", help="monitor with asynchronous=True")
     parser.add_argument("--quick", action="store_true", help="60 steps, one repeat (a smoke run)")
+    parser.add_argument("--callback-first", action="store_true", help="run the monitored variant first in each pair")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.repeats = 60, 1
@@ -118,7 +119,7 @@ def main() -> None:
     times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     measured, inside = [], []
     for _ in range(args.repeats):
-        for monitored in (False, True):
+        for monitored in ((True, False) if args.callback_first else (False, True)):
             wall, cpu, extra = run(args, monitored, data)
             times[monitored].append((wall, cpu))
             if monitored:
