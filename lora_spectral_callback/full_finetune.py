@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,7 @@ class DenseMatrix:
     name: str
     module: nn.Module
     pretrained: Tensor  # (out, in) copy taken before training
+    frozen: Tensor | None = None  # set by capture(): the weight at that step, measured instead of the live one
 
     @classmethod
     def snapshot_of(cls, name: str, module: nn.Module, dtype: torch.dtype, device: str | torch.device) -> "DenseMatrix":
@@ -59,7 +60,13 @@ class DenseMatrix:
         return self.pretrained
 
     def current_weight(self) -> Tensor:
-        return weight_matrix(self.module).detach()
+        return weight_matrix(self.module).detach() if self.frozen is None else self.frozen
+
+    @torch.no_grad()
+    def capture(self) -> "DenseMatrix":
+        """This layer as it is now, for measuring later (asynchronous mode): a full fine-tune trains the weight
+        itself, so unlike LoRA's small factors the whole current weight is copied (its size, once per capture)."""
+        return replace(self, frozen=self.current_weight().clone())
 
     def operator(self, W0: Tensor) -> LowRankUpdatedMatrix:
         """The fine-tuned weight as a dense operator, in ``W0``'s dtype and device."""

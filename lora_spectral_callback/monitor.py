@@ -200,8 +200,8 @@ class SpectralMonitor:
         return sum(b.numel() * b.element_size() for b in self._basis.values())
 
     # -- measurement ----------------------------------------------------------------------------------------
-    def capture(self) -> list[CapturedMatrix]:
-        """The current LoRA state of every monitored matrix, copied, to ``measure`` later (see ``background``)."""
+    def capture(self) -> list[CapturedMatrix | DenseMatrix]:
+        """The current state of every monitored matrix, copied, to ``measure`` later (see ``background``)."""
         return [matrix.capture() for matrix in self.matrices]
 
     def measure(self, step: int | None = None, matrices: Sequence[MonitoredMatrix | CapturedMatrix] | None = None) -> SpectralReport:

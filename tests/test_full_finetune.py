@@ -175,3 +175,25 @@ def test_resumed_full_finetune_measures_against_the_first_runs_baseline(tmp_path
     again, _ = trainer(copy.deepcopy(pretrained), max_steps=6)
     with pytest.raises(ValueError, match="needs the pretrained baseline the first run saved"):
         again.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+
+
+def test_asynchronous_full_finetune_measures_the_captured_weights(tmp_path):
+    """A full fine-tune trains the weights themselves: the background worker must measure a copy taken at the
+    step, and the final numbers equal a float64 recount."""
+    from transformers import Trainer, TrainingArguments
+
+    from helpers import RandomTokens
+    from lora_spectral_callback import LoRASpectralCallback
+
+    model = tiny_bert(hidden=64)
+    pretrained = copy.deepcopy(model)
+    callback = LoRASpectralCallback(every_n_steps=2, epsilon=EPS, include=r"query|value", asynchronous=True,
+                                    log_dir=str(tmp_path / "tb"), progress=False, strict=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=32), callbacks=[callback])
+    trainer.train()
+    history = [h["step"] for h in trainer.state.log_history if "spectral/intruders_total" in h]
+    assert history == [0, 2, 4]
+    assert callback.last_report.step == 4
+    assert_matches(callback.last_report, *recount(callback.monitor, pretrained))
