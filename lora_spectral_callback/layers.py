@@ -149,9 +149,7 @@ class CapturedMatrix:
     def update_factors(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor] | None:
         return stack_factors(self.weights, dtype, device)
 
-    def update_singular_values(self, device: torch.device) -> Tensor | None:
-        factors = self.update_factors(torch.float64, device)
-        return low_rank_singular_values(*factors) if factors else None
+    update_singular_values = MonitoredMatrix.update_singular_values  # same computation on the copied factors
 
     def operator(self, W0: Tensor) -> LowRankUpdatedMatrix:
         return merged_operator(W0, self.update_factors(W0.dtype, W0.device), self.magnitude)
