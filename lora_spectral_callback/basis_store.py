@@ -7,7 +7,8 @@ make it cheaper:
 - a **cache** keyed by a hash of the weight (plus shape and dtypes): a sweep of runs on one base model computes
   each basis once (``cache_dir``);
 - **disk storage** (``device="disk"``): the basis stays in its safetensors file and is memory-mapped, so the
-  process holds only page cache the OS can drop, not resident copies; every measurement streams it once.
+  process holds only page cache the OS can drop, not resident copies; every measurement streams it once. Full
+  fine-tuning mode keeps its pretrained weight copies the same way (``disk_copy``).
 
 Files are standard safetensors (one tensor ``"basis"``), written atomically (temp file + rename) so concurrent
 runs sharing a cache never read a half-written file.
@@ -30,7 +31,7 @@ from .metrics import pretrained_left_basis
 __all__ = ["BasisStore", "weight_fingerprint"]
 
 _KEY = "basis"
-_NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 def weight_fingerprint(W: Tensor) -> str:
@@ -51,8 +52,6 @@ class BasisStore:
     """
 
     def __init__(self, dtype: torch.dtype, device: str = "cpu", cache_dir: str | None = None) -> None:
-        if device == "disk" and dtype not in _NUMPY:
-            raise ValueError(f"basis_dtype={dtype} cannot be memory-mapped: use float16, float32 or float64")
         self.dtype = dtype
         self.device = device
         self._tmp = tempfile.TemporaryDirectory(prefix="lora-spectral-") if device == "disk" and not cache_dir else None
@@ -76,19 +75,27 @@ class BasisStore:
 
         return load_file(path)[_KEY].to(self.device)
 
+    def disk_copy(self, W: Tensor) -> Tensor:
+        """``W`` written to a safetensors file in this store's directory and returned memory-mapped (the file is
+        named by the fingerprint, so an identical copy already there is reused, not rewritten)."""
+        path = os.path.join(self.cache_dir, f"weight-{weight_fingerprint(W)}.safetensors")
+        if not os.path.exists(path):
+            _save_atomically(W.detach().to("cpu"), path)
+        return _memory_map(path)
+
     def _compute(self, W0: Tensor) -> Tensor:
         self.computed += 1
         return pretrained_left_basis(W0, W0.dtype)
 
 
-def _save_atomically(U0: Tensor, path: str) -> None:
+def _save_atomically(tensor: Tensor, path: str) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({_KEY: U0.contiguous()}, tmp, metadata={"producer": "lora-spectral-callback"})
+        save_file({_KEY: tensor.contiguous()}, tmp, metadata={"producer": "lora-spectral-callback"})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -99,13 +106,15 @@ def _memory_map(path: str) -> Tensor:
     """The ``basis`` tensor of a safetensors file as a copy-on-write memory map (no bytes read up front).
 
     safetensors' layout is an 8-byte little-endian header length, a JSON header with each tensor's dtype, shape
-    and byte offsets, then the raw data; we map the data region directly (``safe_open`` would copy it).
+    and byte offsets, then the raw data; we map the data region's bytes directly (``safe_open`` would copy them)
+    and view them as the stored dtype, so bfloat16 works although numpy has no such type.
     """
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
     info = header[_KEY]
-    dtype = {"F16": np.float16, "F32": np.float32, "F64": np.float64}[info["dtype"]]
-    start, _ = info["data_offsets"]
-    array = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_len + start, shape=tuple(info["shape"]))
-    return torch.from_numpy(array)
+    start, end = info["data_offsets"]
+    if end == start:
+        return torch.zeros(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+    raw = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + header_len + start, shape=(end - start,))
+    return torch.from_numpy(raw).view(_SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])

@@ -131,6 +131,7 @@ class LoRASpectralCallback(TrainerCallback):
         model = kwargs.get("model")
         if self.monitor is None:
             self.monitor = SpectralMonitor(model, **self.options)
+            self._adapt_to_sharding()
         self._restore_from_history(state)
         if state.is_world_process_zero:
             if self.monitor.mode == "full":
@@ -181,9 +182,9 @@ class LoRASpectralCallback(TrainerCallback):
         stop = False
         if state.is_world_process_zero and self._background is not None and not final:
             self._guarded("measurement", lambda: self._background.submit(step))
-        elif state.is_world_process_zero:
+        elif state.is_world_process_zero or self.monitor.sharded:  # sharded: every rank takes part in the gathers
             report = self._guarded("measurement", lambda: self.monitor.measure(step))
-            if report is not _FAILED:
+            if report is not _FAILED and report is not None:
                 stop = self._handle(args, state, control, report, final)
         if not final:
             self._stop_requested = any_rank(stop) or self._stop_requested
@@ -262,13 +263,25 @@ class LoRASpectralCallback(TrainerCallback):
             names = figure_layers(report, self.image_layers)
             self._guarded("TensorBoard pictures", lambda: self.writer.write_figures(report, self.monitor.spectra(names), report.step))
 
+    def _adapt_to_sharding(self) -> None:
+        """With FSDP2 shards every measurement is a collective run in step with training on all ranks, so the
+        two features that would touch the weights on rank 0 alone (a gather, or a forward pass: both collectives)
+        are turned off, loudly."""
+        if not self.monitor.sharded:
+            return
+        for option, what in (("asynchronous", "background measurement"), ("forgetting_proxy", "the forgetting proxy")):
+            if getattr(self, option):
+                logger.warning("lora-spectral-callback: %s is off: the model is FSDP-sharded, and on rank 0 alone it "
+                               "would run collectives the other ranks never join", what)
+                setattr(self, option, False if option == "asynchronous" else None)
+
     def _full_finetune_baseline(self, output_dir: str) -> None:
         """Full fine-tuning compares against copies of weights that training changes: the first run saves them
         beside its checkpoints, and a resumed run (whose model is already fine-tuned) reads them back, checked
         against the fingerprint in its log history; a missing or different baseline is a clear error."""
         path = os.path.join(output_dir, _BASELINE_FILE)
         if self.last_measured_step >= 0:
-            load_baseline(self.monitor.matrices, path, self._baseline_fingerprint)
+            load_baseline(self.monitor.matrices, path, self._baseline_fingerprint, self.monitor.keep_copy)
         else:
             os.makedirs(output_dir, exist_ok=True)
             self._baseline_fingerprint = save_baseline(self.monitor.matrices, path)

@@ -2,7 +2,8 @@
 
 This is the comparison Shuttleworth et al. 2024 make between LoRA and full fine-tuning. Nothing is frozen, so
 the pretrained weight must be *copied* before training moves it: one copy of every monitored matrix, in
-``weight_copy_dtype`` (float32: 4 bytes per parameter; float16: 2) on ``basis_device`` (CPU by default). The
+``weight_copy_dtype`` (float32: 4 bytes per parameter; float16: 2) on ``basis_device`` (CPU by default; "disk":
+safetensors files, memory-mapped, see :meth:`.basis_store.BasisStore.disk_copy`). The
 merged weight is simply the current weight, a dense matrix (the solver's low-rank "update" part is absent); the
 monitor warm-starts its iterations from the pretrained top singular vectors as usual.
 
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from .linalg import LowRankUpdatedMatrix
+from .sharding import full
 
 __all__ = ["DenseMatrix", "find_dense_matrices", "weight_matrix", "save_baseline", "load_baseline"]
 
@@ -27,7 +30,7 @@ __all__ = ["DenseMatrix", "find_dense_matrices", "weight_matrix", "save_baseline
 def weight_matrix(module: nn.Module) -> Tensor:
     """A plain layer's weight in the (out, in) layout of :mod:`.layers`: ``Linear`` as stored, GPT-2 ``Conv1D``
     and ``Embedding`` transposed (``(embedding_dim, num_embeddings)``), conv kernels flattened per output channel."""
-    W = module.weight
+    W = full(module.weight)  # all-gathered if it is an FSDP2 shard
     if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
         return W.T
     return W.flatten(1)
@@ -40,6 +43,9 @@ def _is_dense_layer(module: nn.Module) -> bool:
     ) and module.weight.is_floating_point()
 
 
+Keep = Callable[[Tensor], Tensor]  # where a copy is kept, e.g. BasisStore.disk_copy (the copy -> its stored form)
+
+
 @dataclass
 class DenseMatrix:
     """One fully fine-tuned layer: a stored copy of its pretrained weight and the live module."""
@@ -50,10 +56,12 @@ class DenseMatrix:
     frozen: Tensor | None = None  # set by capture(): the weight at that step, measured instead of the live one
 
     @classmethod
-    def snapshot_of(cls, name: str, module: nn.Module, dtype: torch.dtype, device: str | torch.device) -> "DenseMatrix":
+    def snapshot_of(
+        cls, name: str, module: nn.Module, dtype: torch.dtype, device: str | torch.device, keep: Keep | None = None
+    ) -> "DenseMatrix":
         with torch.no_grad():
             copy = weight_matrix(module).detach().to(device=device, dtype=dtype, copy=True).contiguous()
-        return cls(name, module, copy)
+        return cls(name, module, copy if keep is None else keep(copy))
 
     def base_weight(self) -> Tensor:
         """The pretrained copy (not the live weight): the snapshot basis is always the pretrained one."""
@@ -72,14 +80,17 @@ class DenseMatrix:
         """The fine-tuned weight as a dense operator, in ``W0``'s dtype and device."""
         return LowRankUpdatedMatrix(self.current_weight().to(W0.device, W0.dtype))
 
+    def update(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The dense update ``dW = W_now - W0``."""
+        return self.current_weight().to(device, dtype) - self.pretrained.to(device, dtype)
+
     def update_singular_values(self, device: torch.device) -> Tensor:
-        """All singular values of ``dW = W_now - W0``, exactly, by a float64 LAPACK SVD (``svdvals``).
+        """All singular values of ``dW``, exactly, by a float64 LAPACK SVD (``svdvals``).
 
         ``dW`` of a full fine-tune is full-rank, so no low-rank shortcut applies; the effective rank depends on the
-        whole spectrum. Cost: O(m n min(m, n)), see the docs' timing table.
+        whole spectrum. Cost: O(m n min(m, n)); ``effective_rank_method="estimate"`` avoids it (see the README).
         """
-        delta = self.current_weight().to(device, torch.float64) - self.pretrained.to(device, torch.float64)
-        return torch.linalg.svdvals(delta)
+        return torch.linalg.svdvals(self.update(device, torch.float64))
 
     def copy_bytes(self) -> int:
         return self.pretrained.numel() * self.pretrained.element_size()
@@ -91,16 +102,18 @@ def find_dense_matrices(
     exclude: str | None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    keep: Keep | None = None,
 ) -> list[DenseMatrix]:
     """Every ``Linear``/``Conv1D``/``Embedding``/conv layer whose module path matches ``include`` and not
-    ``exclude``, with a copy of its current (pretrained) weight taken now."""
+    ``exclude``, with a copy of its current (pretrained) weight taken now (and handed to ``keep`` one at a time,
+    so spilling to disk never holds more than one extra copy in memory)."""
     found = []
     for name, module in model.named_modules():
         if not _is_dense_layer(module):
             continue
         if (include and not re.search(include, name)) or (exclude and re.search(exclude, name)):
             continue
-        found.append(DenseMatrix.snapshot_of(name, module, dtype, device))
+        found.append(DenseMatrix.snapshot_of(name, module, dtype, device, keep))
     return found
 
 
@@ -123,7 +136,7 @@ def save_baseline(matrices: list[DenseMatrix], path: str) -> str:
     return fingerprint
 
 
-def load_baseline(matrices: list[DenseMatrix], path: str, fingerprint: str) -> None:
+def load_baseline(matrices: list[DenseMatrix], path: str, fingerprint: str, keep: Keep | None = None) -> None:
     """Replace the copies taken from the (resumed, already fine-tuned) model by the first run's, after checking
     they are the baseline the run's history was measured against."""
     from safetensors.torch import load_file
@@ -138,6 +151,7 @@ def load_baseline(matrices: list[DenseMatrix], path: str, fingerprint: str) -> N
         if m.name not in stored or stored[m.name].shape != m.pretrained.shape:
             raise ValueError(f"the pretrained baseline at {path!r} does not match the monitored layer {m.name}")
         m.pretrained = stored[m.name].to(m.pretrained.device, m.pretrained.dtype)
+        m.pretrained = m.pretrained if keep is None else keep(m.pretrained)
     if baseline_fingerprint(matrices) != fingerprint:
         raise ValueError(
             f"the pretrained baseline at {path!r} is not the one this run's history was measured against "

@@ -14,6 +14,7 @@ of the linear map it applies (left singular vectors live in its output space):
 - ``target_parameters`` (``ParamWrapper``) on a 2-D parameter: the parameter as stored, like ``nn.Linear.weight``
   (PEFT's own delta is ``B @ A`` in that layout); 3-D expert tensors are not supported.
 - Quantized bases (bitsandbytes 4/8-bit) are dequantized with PEFT's ``dequantize_module_weight``.
+- FSDP2 ``DTensor`` shards are all-gathered when read (:func:`.sharding.full`, a collective).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from .linalg import LowRankUpdatedMatrix
 from .metrics import low_rank_singular_values
+from .sharding import full, module_is_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +69,9 @@ class MonitoredMatrix:
         from peft.utils.integrations import dequantize_module_weight
 
         if hasattr(self.module, "get_param"):  # target_parameters (ParamWrapper): a 2-D parameter, used as stored
-            return self.module.get_param()
+            return full(self.module.get_param())
         base = self.module.get_base_layer()
-        W = base.weight if base.weight.is_floating_point() else dequantize_module_weight(base)
+        W = full(base.weight) if base.weight.is_floating_point() else dequantize_module_weight(base)
         if self.is_embedding or getattr(self.module, "fan_in_fan_out", False):
             return W.T
         return W.flatten(1)  # a no-op for Linear; ConvNd kernels -> (out_channels, in_channels * kernel volume)
@@ -77,8 +79,8 @@ class MonitoredMatrix:
     def adapter_factors(self, adapter: str) -> tuple[Tensor, Tensor]:
         """One adapter's unscaled ``(B, A)`` in the (out, in) layout: ``B @ A`` is its update before scaling."""
         if self.is_embedding:
-            return self.module.lora_embedding_B[adapter], self.module.lora_embedding_A[adapter]
-        return self.module.lora_B[adapter].weight.flatten(1), self.module.lora_A[adapter].weight.flatten(1)
+            return full(self.module.lora_embedding_B[adapter]), full(self.module.lora_embedding_A[adapter])
+        return full(self.module.lora_B[adapter].weight).flatten(1), full(self.module.lora_A[adapter].weight).flatten(1)
 
     def is_dora(self) -> bool:
         return any(a in self.module.lora_magnitude_vector for a in self.adapters)
@@ -100,7 +102,7 @@ class MonitoredMatrix:
         if not self.is_dora():
             return None
         (adapter,) = self.adapters  # checked by find_lora_matrices
-        return self.module.lora_magnitude_vector[adapter].weight.reshape(-1)
+        return full(self.module.lora_magnitude_vector[adapter].weight).reshape(-1)
 
     def update_singular_values(self, device: torch.device) -> Tensor | None:
         """Exact non-zero singular values of the summed update ``B @ A`` (float64, from the factors)."""
@@ -116,7 +118,8 @@ class MonitoredMatrix:
         """A frozen copy of what a measurement reads, for measuring later (e.g. in a background thread).
 
         Copies the small trainable parts (LoRA factors, DoRA magnitude: O((m+n) r)). The base weight is read
-        live when it is frozen (``requires_grad=False``, as under LoRA: nothing changes it), else copied too.
+        live when it is frozen (``requires_grad=False``, as under LoRA: nothing changes it), else copied too; so
+        is a sharded one, whose gather is a collective that only a ``capture`` on every rank may do.
         """
         magnitude = self.dora_magnitude()
         base = self.base_weight()
@@ -125,7 +128,7 @@ class MonitoredMatrix:
             self,
             [(B.detach().clone(), A.detach().clone(), s) for B, A, s in self.adapter_weights()],
             None if magnitude is None else magnitude.detach().clone(),
-            base.detach().clone() if base.requires_grad else None,
+            base.detach().clone() if base.requires_grad or module_is_sharded(self.module) else None,
         )
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from .basis_store import BasisStore
+from .distributed import is_main_process
 from .full_finetune import DenseMatrix, find_dense_matrices
 from .layers import CapturedMatrix, MonitoredMatrix, describe_skipped, find_lora_matrices, has_peft_layers
 from .linalg import TopSVD, exact_top_singular_triplets, top_singular_triplets
@@ -23,9 +24,11 @@ from .metrics import (
     basis_rounding_error,
     count_intruders,
     effective_rank,
+    estimate_effective_rank,
     max_abs_cosine,
 )
 from .report import LayerReport, LayerSpectra, SpectralReport, _eps_key
+from .sharding import module_is_sharded, unsupported_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +48,12 @@ class SpectralConfig:
     ``mode``: ``"lora"`` monitors PEFT LoRA layers; ``"full"`` monitors plain Linear/Conv1D/Embedding/conv layers
     of a fully fine-tuned model against a copy of their pretrained weights taken at construction, stored in
     ``weight_copy_dtype`` on ``basis_device`` (see :mod:`.full_finetune`); ``"auto"`` picks ``"lora"`` iff PEFT
-    has put adapter layers into the model.
-    ``basis_device`` is a torch device, or ``"disk"`` to keep the bases memory-mapped from safetensors files (in
-    ``basis_cache_dir``, else a temporary directory); ``basis_cache_dir`` reuses bases computed by earlier runs on
+    has put adapter layers into the model. ``effective_rank_method`` (full mode only; LoRA's is always exact and
+    cheap): ``"exact"`` takes all singular values of the dense update (float64 ``svdvals``), ``"estimate"`` the
+    deflated stochastic Lanczos estimate of :func:`.metrics.estimate_effective_rank` (faster on large matrices,
+    error measured in the README).
+    ``basis_device`` is a torch device, or ``"disk"`` to keep the bases (and full mode's weight copies)
+    memory-mapped from safetensors files (in ``basis_cache_dir``, else a temporary directory); ``basis_cache_dir`` reuses bases computed by earlier runs on
     the same base weights (see :mod:`.basis_store`). Solver defaults (``oversample=20``, ``tol=0.05``,
     ``exact_below=128``) were chosen with ``benchmarks/bench_detection.py``: ``tol`` only bounds the error of the
     reported vectors/cosines; every count is decided by the error bound against its threshold margin regardless.
@@ -70,6 +76,7 @@ class SpectralConfig:
     progress: bool = True
     mode: str = "auto"
     weight_copy_dtype: str = "float32"
+    effective_rank_method: str = "exact"
     epsilons: tuple[float, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +92,8 @@ class SpectralConfig:
             allowed = ("float32", "float64") if name == "compute_dtype" else tuple(_DTYPES)
             _require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {allowed}")
         _require(self.mode in ("auto", "lora", "full"), "mode", self.mode, "one of ('auto', 'lora', 'full')")
+        _require(self.effective_rank_method in ("exact", "estimate"), "effective_rank_method",
+                 self.effective_rank_method, "one of ('exact', 'estimate')")
         _require(self.weight_copy_dtype in _DTYPES, "weight_copy_dtype", self.weight_copy_dtype, f"one of {tuple(_DTYPES)}")
         _require(_is_int(self.exact_below) and self.exact_below >= 0, "exact_below", self.exact_below, "an integer >= 0")
         _require(_is_int(self.oversample) and self.oversample >= 0, "oversample", self.oversample, "an integer >= 0")
@@ -130,19 +139,26 @@ class SpectralMonitor:
         self.config = SpectralConfig(**options)
         self.model = model
         cfg = self.config
+        unreadable = unsupported_sharding(model)
+        if unreadable:
+            raise ValueError(f"lora-spectral-callback cannot monitor this model: {unreadable}")
         # auto: LoRA if the model has PEFT layers; a full fine-tune only when layers were named (copying every
         # weight of a model nobody asked about would be a nasty surprise)
         self.mode = cfg.mode
         if cfg.mode == "auto":
             self.mode = "lora" if has_peft_layers(model) or cfg.include is None else "full"
+        self._store = BasisStore(_DTYPES[cfg.basis_dtype], cfg.basis_device, cfg.basis_cache_dir)
         self.matrices: list[MonitoredMatrix | DenseMatrix]
         if self.mode == "full":
-            copy_device = "cpu" if cfg.basis_device == "disk" else cfg.basis_device
-            self.matrices = find_dense_matrices(model, cfg.include, cfg.exclude, _DTYPES[cfg.weight_copy_dtype], copy_device)
+            copy_device = "cpu" if self._store.on_disk else cfg.basis_device
+            self.matrices = find_dense_matrices(
+                model, cfg.include, cfg.exclude, _DTYPES[cfg.weight_copy_dtype], copy_device, self.keep_copy
+            )
             copied = sum(m.copy_bytes() for m in self.matrices)
             log = logger.warning if cfg.mode == "auto" else logger.info  # say so loudly if it was not asked for
-            log("lora-spectral-callback: %sfull fine-tuning mode: %d matrices, %.1f MB of pretrained weight copies",
-                "no LoRA layer found, " if cfg.mode == "auto" else "", len(self.matrices), copied / 1e6)
+            log("lora-spectral-callback: %sfull fine-tuning mode: %d matrices, %.1f MB of pretrained weight copies%s",
+                "no LoRA layer found, " if cfg.mode == "auto" else "", len(self.matrices), copied / 1e6,
+                f" on disk in {self._store.cache_dir}" if self._store.on_disk else "")
         else:
             self.matrices, skipped = find_lora_matrices(model, cfg.include, cfg.exclude)
             if skipped:
@@ -152,7 +168,6 @@ class SpectralMonitor:
         self._basis: dict[str, Tensor] = {}
         self._shapes: dict[str, torch.Size] = {}
         self._snapshot_errors: dict[str, tuple[type[Exception], str]] = {}
-        self._store = BasisStore(_DTYPES[self.config.basis_dtype], self.config.basis_device, self.config.basis_cache_dir)
         self._warm_start: dict[str, Tensor] = {}
         self._last_vectors: dict[str, Tensor] = {}  # top-k left singular vectors of the last measurement
         self._pretrained_sv: dict[str, Tensor] = {}  # filled lazily by spectra()
@@ -161,37 +176,55 @@ class SpectralMonitor:
 
     # -- snapshot -------------------------------------------------------------------------------------------
     @property
+    def keep_copy(self) -> Callable[[Tensor], Tensor] | None:
+        """Where full fine-tuning mode keeps a pretrained weight copy: memory-mapped from disk when
+        ``basis_device="disk"``, else as taken (None)."""
+        return self._store.disk_copy if self._store.on_disk else None
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         return _DTYPES[self.config.compute_dtype]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether monitored weights are FSDP2 ``DTensor`` shards: then ``measure`` is a collective (every rank
+        calls it). Checked live, so a model sharded after the monitor was built is handled too."""
+        return any(module_is_sharded(m.module) for m in self.matrices)
 
     def snapshot(self) -> None:
         """Store the thin left singular basis of every monitored pretrained weight (idempotent).
 
         A layer whose snapshot fails (out of memory, NaN/Inf weight) is left out and retried at the next call;
-        ``measure`` reports the reason under that layer (``strict=True`` re-raises instead).
+        ``measure`` reports the reason under that layer (``strict=True`` re-raises instead). With sharded weights
+        this does nothing: ``measure`` snapshots each matrix from the copy it gathers on every rank.
         """
         todo = [m for m in self.matrices if m.name not in self._basis]
-        if not todo:
+        if not todo or self.sharded:
             return
         from tqdm.auto import tqdm
 
         for matrix in tqdm(todo, desc="spectral snapshot", disable=not self.config.progress, leave=False):
-            try:
-                with torch.no_grad():
-                    W0 = matrix.base_weight().detach().to(self.compute_dtype)
-                    if not torch.isfinite(W0).all():
-                        raise _NonFinite("pretrained weight contains NaN or Inf")
-                    self._basis[matrix.name] = self._store.basis(W0)
-                    self._shapes[matrix.name] = W0.shape
-                    self._snapshot_errors.pop(matrix.name, None)
-            except Exception as err:
-                if self.config.strict and not isinstance(err, _NonFinite):
-                    raise
-                # Kept as text: holding the exception would keep its traceback's (device) tensors alive.
-                if isinstance(err, _NonFinite):
-                    self._snapshot_errors[matrix.name] = (_NonFinite, str(err))
-                else:
-                    self._snapshot_errors[matrix.name] = (RuntimeError, f"pretrained snapshot failed: {type(err).__name__}: {err}")
+            self._snapshot_one(matrix)
+
+    def _snapshot_one(self, matrix: MonitoredMatrix | CapturedMatrix | DenseMatrix) -> None:
+        try:
+            with torch.no_grad():
+                W0 = matrix.base_weight().detach().to(self.compute_dtype)
+                if not torch.isfinite(W0).all():
+                    raise _NonFinite("pretrained weight contains NaN or Inf")
+                self._basis[matrix.name] = self._store.basis(W0)
+                self._shapes[matrix.name] = W0.shape
+                self._snapshot_errors.pop(matrix.name, None)
+                if isinstance(matrix, CapturedMatrix):  # a gathered copy: spectra() cannot read the base later
+                    self._pretrained_sv[matrix.name] = torch.linalg.svdvals(W0.double()).cpu()
+        except Exception as err:
+            if self.config.strict and not isinstance(err, _NonFinite):
+                raise
+            # Kept as text: holding the exception would keep its traceback's (device) tensors alive.
+            if isinstance(err, _NonFinite):
+                self._snapshot_errors[matrix.name] = (_NonFinite, str(err))
+            else:
+                self._snapshot_errors[matrix.name] = (RuntimeError, f"pretrained snapshot failed: {type(err).__name__}: {err}")
 
     def basis_bytes(self) -> int:
         """Memory held for the pretrained bases (0 when memory-mapped from disk: only droppable page cache)."""
@@ -204,16 +237,38 @@ class SpectralMonitor:
         """The current state of every monitored matrix, copied, to ``measure`` later (see ``background``)."""
         return [matrix.capture() for matrix in self.matrices]
 
-    def measure(self, step: int | None = None, matrices: Sequence[MonitoredMatrix | CapturedMatrix] | None = None) -> SpectralReport:
+    def measure(
+        self, step: int | None = None, matrices: Sequence[MonitoredMatrix | CapturedMatrix] | None = None
+    ) -> SpectralReport | None:
         """Measure every monitored matrix (or the ``capture()``-d copies given); a layer that fails is recorded in
-        ``errors`` and skipped."""
+        ``errors`` and skipped.
+
+        With FSDP2-sharded weights (``sharded``) this is a **collective**: call it on every rank at the same step.
+        Each matrix in turn is gathered on every rank (``capture()``: its full base weight and factors, one matrix
+        in memory at a time) and measured on the main process only, which returns the report; the other ranks
+        return None. Without sharding, call it wherever you like (the callback calls it on rank 0 only).
+        """
+        if matrices is None and self.sharded:
+            gathered = (matrix.capture() for matrix in self.matrices)  # lazily: one gathered matrix at a time
+            if not is_main_process():
+                for _ in gathered:  # take part in every gather, measure nothing
+                    pass
+                return None
+            return self._measure(step, gathered, snapshot_each=True)
         self.snapshot()
+        return self._measure(step, self.matrices if matrices is None else matrices)
+
+    def _measure(
+        self, step: int | None, matrices: Iterable[MonitoredMatrix | CapturedMatrix | DenseMatrix], snapshot_each: bool = False
+    ) -> SpectralReport:
         start = time.perf_counter()
         layers: dict[str, LayerReport] = {}
         errors: dict[str, str] = {}
         nonfinite: list[str] = []
         present = {id(module) for module in self.model.modules()}
-        for matrix in self.matrices if matrices is None else matrices:
+        for matrix in matrices:
+            if snapshot_each and matrix.name not in self._basis:
+                self._snapshot_one(matrix)  # from the gathered copy (sharded weights): snapshot() skipped them
             try:
                 if id(matrix.module) not in present:
                     raise RuntimeError("layer is no longer part of the model (removed or replaced since the snapshot)")
@@ -241,8 +296,7 @@ class SpectralMonitor:
         t0 = time.perf_counter()
         svd, max_cos, uncertain = self.decompose(matrix)
         counts = count_intruders(max_cos, cfg.epsilons)
-        update_sv = matrix.update_singular_values(svd.U.device)
-        rank = effective_rank(update_sv) if update_sv is not None else 0.0
+        rank = self._update_effective_rank(matrix, svd.U.device)
         return LayerReport(
             intruders=counts[cfg.epsilons[0]],
             intruders_by_epsilon={_eps_key(e): n for e, n in counts.items()},
@@ -254,6 +308,14 @@ class SpectralMonitor:
             uncertain=uncertain,
             seconds=time.perf_counter() - t0,
         )
+
+    def _update_effective_rank(self, matrix: MonitoredMatrix | CapturedMatrix | DenseMatrix, device: torch.device) -> float:
+        """Effective rank of the update: exact for LoRA (an r x r SVD); for a full fine-tune's dense update an
+        exact float64 ``svdvals``, or the stochastic Lanczos estimate when ``effective_rank_method="estimate"``."""
+        if isinstance(matrix, DenseMatrix) and self.config.effective_rank_method == "estimate":
+            return estimate_effective_rank(matrix.update(device, self.compute_dtype), generator=self._generator(device))
+        update_sv = matrix.update_singular_values(device)
+        return effective_rank(update_sv) if update_sv is not None else 0.0
 
     @torch.no_grad()
     def decompose(self, matrix: MonitoredMatrix | CapturedMatrix | DenseMatrix) -> tuple[TopSVD, Tensor, int]:

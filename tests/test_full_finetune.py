@@ -197,3 +197,52 @@ def test_asynchronous_full_finetune_measures_the_captured_weights(tmp_path):
     assert history == [0, 2, 4]
     assert callback.last_report.step == 4
     assert_matches(callback.last_report, *recount(callback.monitor, pretrained))
+
+
+@pytest.mark.parametrize("copy_dtype", ["float32", "bfloat16"])
+def test_disk_weight_copies_are_memory_mapped_and_give_the_same_report(tmp_path, copy_dtype):
+    """basis_device="disk" keeps full mode's pretrained copies in safetensors files, mapped (not read) into the
+    process; the numbers equal those of copies held in memory (bfloat16 too, which numpy cannot map by itself)."""
+    model = tiny_bert(hidden=64)
+    options = dict(include=r"query|value", epsilon=EPS, weight_copy_dtype=copy_dtype, progress=False, strict=True)
+    on_disk = SpectralMonitor(model, basis_device="disk", basis_cache_dir=str(tmp_path), **options)
+    in_memory = SpectralMonitor(model, **options)
+    files = sorted(tmp_path.glob("weight-*.safetensors"))
+    assert len(files) == len(on_disk.matrices) == 4
+    with open("/proc/self/maps") as maps:
+        mapped = maps.read()
+    assert all(str(f) in mapped for f in files)  # the copies are file mappings, not resident allocations
+    for a, b in zip(on_disk.matrices, in_memory.matrices):
+        assert a.pretrained.dtype == getattr(torch, copy_dtype) and torch.equal(a.pretrained, b.pretrained)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in on_disk.matrices:
+            m.module.weight.add_(torch.randn(m.module.weight.shape, generator=g) * 0.05)
+    first, second = on_disk.measure(step=1), in_memory.measure(step=1)
+    assert first.errors == {} and first.intruders_total_by_epsilon == second.intruders_total_by_epsilon
+    for name, layer in first.layers.items():
+        assert layer.effective_rank == pytest.approx(second.layers[name].effective_rank, rel=1e-12)
+        assert layer.max_cos == pytest.approx(second.layers[name].max_cos, abs=1e-6)
+
+
+def test_estimated_effective_rank_of_a_full_rank_update_is_within_2_percent():
+    """effective_rank_method="estimate" on dense updates of 256 x 384 (deflation plus stochastic Lanczos
+    quadrature) against the exact float64 value; intruder counts are unaffected."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(384, 256), torch.nn.Linear(256, 384))
+    exact = SpectralMonitor(model, mode="full", include=r"^\d$", epsilon=EPS, progress=False, strict=True)
+    estimate = SpectralMonitor(model, mode="full", include=r"^\d$", epsilon=EPS, effective_rank_method="estimate",
+                               progress=False, strict=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a noise-like drift plus a few strong new directions, as in a full fine-tune
+        for layer in model:
+            out_dim, in_dim = layer.weight.shape
+            layer.weight.add_(torch.randn(out_dim, in_dim, generator=g) * 1e-3)
+            layer.weight.add_(torch.randn(out_dim, 4, generator=g) @ torch.randn(4, in_dim, generator=g) * 0.005)
+    a, b = exact.measure(step=1), estimate.measure(step=1)
+    assert a.intruders_total_by_epsilon == b.intruders_total_by_epsilon
+    for name, layer in a.layers.items():
+        assert 20 < layer.effective_rank < 256, layer.effective_rank
+        assert b.layers[name].effective_rank == pytest.approx(layer.effective_rank, rel=0.02)
+    with pytest.raises(ValueError, match="effective_rank_method"):
+        SpectralMonitor(model, mode="full", include=r"^\d$", effective_rank_method="approximate")

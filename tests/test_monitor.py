@@ -71,3 +71,23 @@ def test_no_lora_layers_is_a_clear_error():
     m = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query"]))
     with pytest.raises(ValueError, match="include='nothing'"):
         SpectralMonitor(m, include="nothing")
+
+
+def test_unreadable_sharding_fails_at_construction():
+    """FSDP1 flat parameters and DeepSpeed ZeRO-3 partitions would be measured as empty shards: refused clearly."""
+    from peft import LoraConfig, get_peft_model
+
+    from helpers import tiny_bert
+
+    model = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query"]))
+
+    class FullyShardedDataParallel(torch.nn.Module):  # what FSDP1 wraps a model in (by class name)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    with pytest.raises(ValueError, match="FSDP1"):
+        SpectralMonitor(FullyShardedDataParallel(model), progress=False)
+    next(model.parameters()).ds_id = 0  # what DeepSpeed ZeRO-3 tags its partitioned parameters with
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        SpectralMonitor(model, progress=False)

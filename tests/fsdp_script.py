@@ -1,0 +1,133 @@
+"""Run under torchrun by test_distributed.py: FSDP2 (``fully_shard``) on 2 CPU processes (gloo), a custom loop
+that drives the callback's events the way the Trainer does, in LoRA mode (with a stop rule that fires) and in
+full fine-tuning mode. The Trainer itself cannot run FSDP on CPU (accelerate falls back to DDP there).
+
+Each rank writes ``fsdp<N>.json`` to argv[1]: what it measured, where it stopped, and, on rank 0, the float64
+recount of the gathered final weights.
+"""
+
+import copy
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from torch.distributed.fsdp import fully_shard
+from transformers import TrainerControl, TrainerState
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import RandomTokens, reference_counts, tiny_bert  # noqa: E402
+
+from lora_spectral_callback import LoRASpectralCallback  # noqa: E402
+from lora_spectral_callback.full_finetune import weight_matrix  # noqa: E402
+from lora_spectral_callback.layers import readable_name  # noqa: E402
+from lora_spectral_callback.metrics import effective_rank  # noqa: E402
+
+EPS = [0.5, 0.7]
+out = sys.argv[1]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+
+def shard(model):
+    for layer in model.get_submodule("bert.encoder.layer" if hasattr(model, "bert") else "base_model.model.bert.encoder.layer"):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def train(model, callback, steps, lr):
+    """The Trainer's event order: train begin (baseline measurement), step ends, train end."""
+    args, state, control = SimpleNamespace(output_dir=os.path.join(out, "out")), TrainerState(), TrainerControl()
+    state.is_world_process_zero, state.max_steps = rank == 0, steps
+    measured = []
+    callback.on_train_begin(args, state, control, model=model)
+    inner = callback.monitor.measure
+
+    def measure(step=None):
+        report = inner(step)
+        measured.append((step, report is not None))
+        return report
+
+    callback.monitor.measure = measure
+    data = RandomTokens(n=64, seed=rank)  # each rank its own batches, as under a distributed sampler
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for step in range(1, steps + 1):
+        batch = data[slice((step - 1) * 4, step * 4)]
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        state.global_step = step
+        callback.on_step_end(args, state, control)
+        if control.should_training_stop:
+            break
+    callback.on_train_end(args, state, control)
+    return state.global_step, measured
+
+
+def gathered_state(model):
+    """Every parameter whole, on every rank (each full_tensor is a collective, taken in the same order)."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+
+
+def lora_phase():
+    pretrained = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    model = shard(copy.deepcopy(pretrained))
+    callback = LoRASpectralCallback(every_n_steps=2, max_intruders=0, epsilon=EPS, log_dir=os.path.join(out, "tb"),
+                                    progress=False, strict=True, asynchronous=True)
+    global_step, measured = train(model, callback, steps=12, lr=0.3)
+    final = gathered_state(model)
+    result = {"global_step": global_step, "measured": measured, "svds": callback.monitor._store.computed,
+              "asynchronous": callback.asynchronous}
+    if rank == 0:
+        reference = copy.deepcopy(pretrained)
+        reference.load_state_dict(final)
+        base = {readable_name(n): m.get_base_layer().weight.detach() for n, m in pretrained.named_modules() if hasattr(m, "lora_A")}
+        delta = {readable_name(n): m.get_delta_weight("default").detach() for n, m in reference.named_modules() if hasattr(m, "lora_A")}
+        merged = {n: base[n] + delta[n] for n in base}
+        totals, per_layer = reference_counts(base, merged, EPS)
+        report = callback.last_report
+        result.update(
+            report_step=report.step, alert_step=callback.last_alert.step if callback.last_alert else None,
+            counts={n: r.intruders for n, r in report.layers.items()}, reference_counts=per_layer,
+            totals=report.intruders_total_by_epsilon, reference_totals={f"{e:g}": totals[e] for e in EPS},
+            ranks={n: r.effective_rank for n, r in report.layers.items()},
+            reference_ranks={n: effective_rank(torch.linalg.svdvals(d.double())) for n, d in delta.items()},
+            errors=report.errors,
+        )
+    return result
+
+
+def full_phase():
+    pretrained = tiny_bert(hidden=64)
+    model = shard(copy.deepcopy(pretrained))
+    callback = LoRASpectralCallback(every_n_steps=2, epsilon=EPS, include=r"query|value", mode="full",
+                                    log_dir=os.path.join(out, "tb-full"), progress=False, strict=True)
+    global_step, measured = train(model, callback, steps=4, lr=1e-2)
+    final = gathered_state(model)
+    result = {"global_step": global_step, "measured": measured, "svds": callback.monitor._store.computed}
+    if rank == 0:
+        reference = copy.deepcopy(pretrained)
+        reference.load_state_dict(final)
+        names = [m.name for m in callback.monitor.matrices]
+        base = {n: weight_matrix(pretrained.get_submodule(n)).detach() for n in names}
+        merged = {n: weight_matrix(reference.get_submodule(n)).detach() for n in names}
+        _, per_layer = reference_counts(base, merged, EPS)
+        report = callback.last_report
+        result.update(
+            report_step=report.step, counts={n: r.intruders for n, r in report.layers.items()}, reference_counts=per_layer,
+            ranks={n: r.effective_rank for n, r in report.layers.items()},
+            reference_ranks={n: effective_rank(torch.linalg.svdvals(merged[n].double() - base[n].double())) for n in names},
+            errors=report.errors,
+        )
+    return result
+
+
+results = {"rank": rank, "world_size": dist.get_world_size(), "lora": lora_phase(), "full": full_phase()}
+with open(os.path.join(out, f"fsdp{rank}.json"), "w") as f:
+    json.dump(results, f)
+dist.destroy_process_group()
