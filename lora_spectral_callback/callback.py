@@ -66,6 +66,10 @@ class LoRASpectralCallback(TrainerCallback):
     measurement step, that step waits for it (no measurement is skipped); train end waits too, then measures the
     final state synchronously. Under DDP this adds a one-integer all-reduce per step, so every rank stops together.
 
+    Multi-process: under DDP only rank 0 measures and writes; a stop reaches every rank through one all-reduce.
+    With FSDP2-sharded weights every rank takes part in each measurement's gathers (rank 0 still measures alone),
+    and ``asynchronous`` / ``forgetting_proxy`` are turned off (see :mod:`.sharding`).
+
     Remaining keyword options go to :class:`SpectralConfig` (``include``, ``exclude``, ``basis_dtype``, ...).
     """
 

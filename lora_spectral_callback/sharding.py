@@ -38,12 +38,14 @@ def module_is_sharded(module: nn.Module) -> bool:
 
 def unsupported_sharding(model: nn.Module) -> str | None:
     """Why the model's parameters cannot be read (FSDP1 flat parameters, DeepSpeed ZeRO-3), or None."""
-    for module in model.modules():
-        if type(module).__name__ == "FullyShardedDataParallel":
-            return (
-                "FSDP1 (FullyShardedDataParallel) keeps parameters in sharded flat buffers that this monitor does not "
-                "gather: use FSDP2 instead (torch fully_shard, or fsdp_version=2 in accelerate/transformers)"
-            )
+    fsdp1 = any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()) or any(
+        getattr(p, "_fsdp_flattened", False) for p in model.parameters()  # FSDP1's tag, also on the inner model
+    )
+    if fsdp1:
+        return (
+            "FSDP1 (FullyShardedDataParallel) keeps parameters in sharded flat buffers that this monitor does not "
+            "gather: use FSDP2 instead (torch fully_shard, or fsdp_version=2 in accelerate/transformers)"
+        )
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         return (
             "DeepSpeed ZeRO-3 partitions parameters and this monitor does not gather them: use ZeRO-1/2, or FSDP2 "

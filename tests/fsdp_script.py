@@ -1,6 +1,7 @@
 """Run under torchrun by test_distributed.py: FSDP2 (``fully_shard``) on 2 CPU processes (gloo), a custom loop
 that drives the callback's events the way the Trainer does, in LoRA mode (with a stop rule that fires) and in
-full fine-tuning mode. The Trainer itself cannot run FSDP on CPU (accelerate falls back to DDP there).
+full fine-tuning mode; then FSDP1, which must be refused. The Trainer itself cannot run FSDP on CPU (accelerate
+falls back to DDP there).
 
 Each rank writes ``fsdp<N>.json`` to argv[1]: what it measured, where it stopped, and, on rank 0, the float64
 recount of the gathered final weights.
@@ -127,7 +128,25 @@ def full_phase():
     return result
 
 
-results = {"rank": rank, "world_size": dist.get_world_size(), "lora": lora_phase(), "full": full_phase()}
+def fsdp1_refused():
+    """FSDP1 (flat parameters) is refused with a clear error, whether the wrapper or the model inside is handed over."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lora_spectral_callback import SpectralMonitor
+
+    wrapped = FullyShardedDataParallel(tiny_bert(), device_id=torch.device("cpu"), use_orig_params=True)
+    messages = []
+    for model in (wrapped, wrapped.module):
+        try:
+            SpectralMonitor(model, include="query", progress=False)
+            messages.append(None)
+        except ValueError as err:
+            messages.append(str(err))
+    return messages
+
+
+results = {"rank": rank, "world_size": dist.get_world_size(), "lora": lora_phase(), "full": full_phase(),
+           "fsdp1": fsdp1_refused()}
 with open(os.path.join(out, f"fsdp{rank}.json"), "w") as f:
     json.dump(results, f)
 dist.destroy_process_group()

@@ -77,5 +77,7 @@ def test_fsdp2_two_processes_gather_measure_once_and_stop_together(tmp_path):
     assert lora["alert_step"] == lora["report_step"] == main["lora"]["global_step"] == other["lora"]["global_step"] == 2
     assert main["lora"]["asynchronous"] is False  # turned off: a background gather on rank 0 alone would hang
     assert main["full"]["report_step"] == main["full"]["global_step"] == other["full"]["global_step"] == 4
+    for messages in (main["fsdp1"], other["fsdp1"]):
+        assert len(messages) == 2 and all(m and "FSDP1" in m and "FSDP2" in m for m in messages)
     for run in ("tb", "tb-full"):
         assert len(list((tmp_path / run).rglob("events*"))) == 1  # only the main process wrote TensorBoard
