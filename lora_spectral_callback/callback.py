@@ -67,8 +67,8 @@ class LoRASpectralCallback(TrainerCallback):
     final state synchronously. Under DDP this adds a one-integer all-reduce per step, so every rank stops together.
 
     Multi-process: under DDP only rank 0 measures and writes; a stop reaches every rank through one all-reduce.
-    With FSDP2-sharded weights every rank takes part in each measurement's gathers (rank 0 still measures alone),
-    and ``asynchronous`` / ``forgetting_proxy`` are turned off (see :mod:`.sharding`).
+    With sharded weights (FSDP2, DeepSpeed ZeRO-3) every rank takes part in each measurement's gathers (rank 0
+    still measures alone), and ``asynchronous`` / ``forgetting_proxy`` are turned off (see :mod:`.sharding`).
 
     Remaining keyword options go to :class:`SpectralConfig` (``include``, ``exclude``, ``basis_dtype``, ...).
     """
@@ -268,14 +268,14 @@ class LoRASpectralCallback(TrainerCallback):
             self._guarded("TensorBoard pictures", lambda: self.writer.write_figures(report, self.monitor.spectra(names), report.step))
 
     def _adapt_to_sharding(self) -> None:
-        """With FSDP2 shards every measurement is a collective run in step with training on all ranks, so the
+        """With sharded weights every measurement is a collective run in step with training on all ranks, so the
         two features that would touch the weights on rank 0 alone (a gather, or a forward pass: both collectives)
         are turned off, loudly."""
         if not self.monitor.sharded:
             return
         for option, what in (("asynchronous", "background measurement"), ("forgetting_proxy", "the forgetting proxy")):
             if getattr(self, option):
-                logger.warning("lora-spectral-callback: %s is off: the model is FSDP-sharded, and on rank 0 alone it "
+                logger.warning("lora-spectral-callback: %s is off: the model's weights are sharded, and on rank 0 alone it "
                                "would run collectives the other ranks never join", what)
                 setattr(self, option, False if option == "asynchronous" else None)
 

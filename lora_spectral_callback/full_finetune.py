@@ -30,7 +30,7 @@ __all__ = ["DenseMatrix", "find_dense_matrices", "weight_matrix", "save_baseline
 def weight_matrix(module: nn.Module) -> Tensor:
     """A plain layer's weight in the (out, in) layout of :mod:`.layers`: ``Linear`` as stored, GPT-2 ``Conv1D``
     and ``Embedding`` transposed (``(embedding_dim, num_embeddings)``), conv kernels flattened per output channel."""
-    W = full(module.weight)  # all-gathered if it is an FSDP2 shard
+    W = full(module.weight)  # gathered if it is an FSDP2 shard or a ZeRO-3 partition
     if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
         return W.T
     return W.flatten(1)

@@ -14,7 +14,8 @@ of the linear map it applies (left singular vectors live in its output space):
 - ``target_parameters`` (``ParamWrapper``) on a 2-D parameter: the parameter as stored, like ``nn.Linear.weight``
   (PEFT's own delta is ``B @ A`` in that layout); 3-D expert tensors are not supported.
 - Quantized bases (bitsandbytes 4/8-bit) are dequantized with PEFT's ``dequantize_module_weight``.
-- FSDP2 ``DTensor`` shards are all-gathered when read (:func:`.sharding.full`, a collective).
+- FSDP2 ``DTensor`` shards and DeepSpeed ZeRO-3 partitions are gathered when read (:func:`.sharding.full`, a
+  collective).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from .linalg import LowRankUpdatedMatrix
 from .metrics import low_rank_singular_values
-from .sharding import full, module_is_sharded
+from .sharding import full, logical_shape, module_is_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         return f"layer type {type(module).__name__}"
     base = module.get_base_layer()
     if isinstance(module, ParamWrapper):
-        if module.num_experts != 1 or module.get_param().dim() != 2:
+        if module.num_experts != 1 or len(logical_shape(module.get_param())) != 2:
             return "target_parameters on a 3-D (expert) parameter"
         return "DoRA/variant on target_parameters" if getattr(module, "lora_variant", {}) else None
     weight = getattr(base, "weight", None)
@@ -211,8 +212,8 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         return f"layer type {type(module).__name__}"
     if is_conv and base.groups != 1:
         return "grouped convolution (PEFT cannot merge it either)"
-    if not is_conv and weight.is_floating_point() and weight.dim() != 2:
-        return f"base weight of shape {tuple(weight.shape)}"
+    if not is_conv and weight.is_floating_point() and len(logical_shape(weight)) != 2:
+        return f"base weight of shape {tuple(logical_shape(weight))}"
     active = [a for a in module.active_adapters if a in _adapter_names(module)]
     variants = getattr(module, "lora_variant", {})
     for a in active:

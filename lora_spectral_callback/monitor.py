@@ -187,8 +187,9 @@ class SpectralMonitor:
 
     @property
     def sharded(self) -> bool:
-        """Whether monitored weights are FSDP2 ``DTensor`` shards: then ``measure`` is a collective (every rank
-        calls it). Checked live, so a model sharded after the monitor was built is handled too."""
+        """Whether monitored weights are FSDP2 ``DTensor`` shards or ZeRO-3 partitions: then ``measure`` is a
+        collective (every rank calls it). Checked live, so a model sharded after the monitor was built is handled
+        too."""
         return any(module_is_sharded(m.module) for m in self.matrices)
 
     def snapshot(self) -> None:
@@ -243,8 +244,8 @@ class SpectralMonitor:
         """Measure every monitored matrix (or the ``capture()``-d copies given); a layer that fails is recorded in
         ``errors`` and skipped.
 
-        With FSDP2-sharded weights (``sharded``) this is a **collective**: call it on every rank at the same step.
-        Each matrix in turn is gathered on every rank (``capture()``: its full base weight and factors, one matrix
+        With sharded weights (``sharded``: FSDP2, ZeRO-3) this is a **collective**: call it on every rank at the
+        same step. Each matrix in turn is gathered on every rank (``capture()``: its full base weight and factors, one matrix
         in memory at a time) and measured on the main process only, which returns the report; the other ranks
         return None. Without sharding, call it wherever you like (the callback calls it on rank 0 only).
         """

@@ -20,12 +20,9 @@ from torch.distributed.fsdp import fully_shard
 from transformers import TrainerControl, TrainerState
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import RandomTokens, reference_counts, tiny_bert  # noqa: E402
+from helpers import RandomTokens, recount_run, tiny_bert  # noqa: E402
 
 from lora_spectral_callback import LoRASpectralCallback  # noqa: E402
-from lora_spectral_callback.full_finetune import weight_matrix  # noqa: E402
-from lora_spectral_callback.layers import readable_name  # noqa: E402
-from lora_spectral_callback.metrics import effective_rank  # noqa: E402
 
 EPS = [0.5, 0.7]
 out = sys.argv[1]
@@ -85,21 +82,7 @@ def lora_phase():
     result = {"global_step": global_step, "measured": measured, "svds": callback.monitor._store.computed,
               "asynchronous": callback.asynchronous}
     if rank == 0:
-        reference = copy.deepcopy(pretrained)
-        reference.load_state_dict(final)
-        base = {readable_name(n): m.get_base_layer().weight.detach() for n, m in pretrained.named_modules() if hasattr(m, "lora_A")}
-        delta = {readable_name(n): m.get_delta_weight("default").detach() for n, m in reference.named_modules() if hasattr(m, "lora_A")}
-        merged = {n: base[n] + delta[n] for n in base}
-        totals, per_layer = reference_counts(base, merged, EPS)
-        report = callback.last_report
-        result.update(
-            report_step=report.step, alert_step=callback.last_alert.step if callback.last_alert else None,
-            counts={n: r.intruders for n, r in report.layers.items()}, reference_counts=per_layer,
-            totals=report.intruders_total_by_epsilon, reference_totals={f"{e:g}": totals[e] for e in EPS},
-            ranks={n: r.effective_rank for n, r in report.layers.items()},
-            reference_ranks={n: effective_rank(torch.linalg.svdvals(d.double())) for n, d in delta.items()},
-            errors=report.errors,
-        )
+        result.update(recount_run("lora", pretrained, final, callback, EPS))
     return result
 
 
@@ -112,19 +95,7 @@ def full_phase():
     final = gathered_state(model)
     result = {"global_step": global_step, "measured": measured, "svds": callback.monitor._store.computed}
     if rank == 0:
-        reference = copy.deepcopy(pretrained)
-        reference.load_state_dict(final)
-        names = [m.name for m in callback.monitor.matrices]
-        base = {n: weight_matrix(pretrained.get_submodule(n)).detach() for n in names}
-        merged = {n: weight_matrix(reference.get_submodule(n)).detach() for n in names}
-        _, per_layer = reference_counts(base, merged, EPS)
-        report = callback.last_report
-        result.update(
-            report_step=report.step, counts={n: r.intruders for n, r in report.layers.items()}, reference_counts=per_layer,
-            ranks={n: r.effective_rank for n, r in report.layers.items()},
-            reference_ranks={n: effective_rank(torch.linalg.svdvals(merged[n].double() - base[n].double())) for n in names},
-            errors=report.errors,
-        )
+        result.update(recount_run("full", pretrained, final, callback, EPS))
     return result
 
 

@@ -56,3 +56,34 @@ def reference_counts(base_weights: dict[str, torch.Tensor], merged_weights: dict
             totals[e] += counts[e]
         per_layer[name] = counts[eps[0]]
     return totals, per_layer
+
+
+def recount_run(mode: str, pretrained, final_state: dict, callback, epsilon) -> dict:
+    """A distributed run's last report beside a float64 recount (``reference_counts``) of its final weights:
+    ``pretrained`` is an untouched copy of the model before training, ``final_state`` its gathered state dict.
+    LoRA: the base weights plus PEFT's own ``get_delta_weight``; full: the monitored layers' weights."""
+    import copy
+
+    from lora_spectral_callback.full_finetune import weight_matrix
+    from lora_spectral_callback.layers import readable_name
+    from lora_spectral_callback.metrics import effective_rank
+
+    reference = copy.deepcopy(pretrained)
+    reference.load_state_dict(final_state)
+    if mode == "lora":
+        base = {readable_name(n): m.get_base_layer().weight.detach() for n, m in pretrained.named_modules() if hasattr(m, "lora_A")}
+        delta = {readable_name(n): m.get_delta_weight("default").detach() for n, m in reference.named_modules() if hasattr(m, "lora_A")}
+    else:
+        names = [m.name for m in callback.monitor.matrices]
+        base = {n: weight_matrix(pretrained.get_submodule(n)).detach() for n in names}
+        delta = {n: weight_matrix(reference.get_submodule(n)).detach() - base[n] for n in names}
+    totals, per_layer = reference_counts(base, {n: base[n] + delta[n] for n in base}, epsilon)
+    report = callback.last_report
+    return {
+        "report_step": report.step, "alert_step": callback.last_alert.step if callback.last_alert else None,
+        "counts": {n: r.intruders for n, r in report.layers.items()}, "reference_counts": per_layer,
+        "totals": report.intruders_total_by_epsilon, "reference_totals": {f"{e:g}": totals[e] for e in epsilon},
+        "ranks": {n: r.effective_rank for n, r in report.layers.items()},
+        "reference_ranks": {n: effective_rank(torch.linalg.svdvals(d.double())) for n, d in delta.items()},
+        "errors": report.errors,
+    }

@@ -53,15 +53,18 @@ def test_accelerate_custom_loop_stops_every_process(tmp_path, launcher):
     assert len(list(tmp_path.glob("events*"))) == 1
 
 
-def test_fsdp2_two_processes_gather_measure_once_and_stop_together(tmp_path):
-    """FSDP2 shards (DTensor) are gathered on every rank, one matrix at a time, and measured on rank 0 only;
-    the numbers equal a float64 recount of the gathered final weights, in LoRA and in full fine-tuning mode."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+def run_sharded(script: str, tmp_path: Path, prefix: str, tb: str, **env_extra: str) -> tuple[dict, dict]:
+    """Run a 2-process sharding script under torchrun; check what both sharding tests share: in LoRA mode (a stop
+    at step 2) and full fine-tuning mode (4 steps), rank 0 alone measures and its numbers equal the float64
+    recount of the gathered final weights, every rank joins every gather, all ranks end at the same step, one
+    TensorBoard event file per run. Returns both ranks' results."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", **env_extra)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-               str(HERE / "fsdp_script.py"), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)  # a hang fails, not blocks
+               str(HERE / script), str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)  # a hang fails, not blocks
     assert result.returncode == 0, result.stderr[-3000:]
-    main, other = [json.loads((tmp_path / f"fsdp{r}.json").read_text()) for r in (0, 1)]
+    main, other = [json.loads((tmp_path / f"{prefix}{r}.json").read_text()) for r in (0, 1)]
     assert main["world_size"] == other["world_size"] == 2
     for phase in ("lora", "full"):
         m, o = main[phase], other[phase]
@@ -74,10 +77,31 @@ def test_fsdp2_two_processes_gather_measure_once_and_stop_together(tmp_path):
         assert m["svds"] == 4 and o["svds"] == 0  # the work is done once, on rank 0
     lora = main["lora"]
     assert lora["totals"] == lora["reference_totals"]
-    assert lora["alert_step"] == lora["report_step"] == main["lora"]["global_step"] == other["lora"]["global_step"] == 2
-    assert main["lora"]["asynchronous"] is False  # turned off: a background gather on rank 0 alone would hang
+    assert lora["alert_step"] == lora["report_step"] == lora["global_step"] == other["lora"]["global_step"] == 2
+    assert lora["asynchronous"] is False  # turned off: a background gather on rank 0 alone would hang
     assert main["full"]["report_step"] == main["full"]["global_step"] == other["full"]["global_step"] == 4
+    for run in (tb, "tb-full"):
+        assert len(list((tmp_path / run).rglob("events*"))) == 1  # only the main process wrote TensorBoard
+    return main, other
+
+
+def test_fsdp2_two_processes_gather_measure_once_and_stop_together(tmp_path):
+    """FSDP2 shards (DTensor), driven by a loop that calls the callback's events in the Trainer's order; FSDP1 is
+    refused on every rank."""
+    main, other = run_sharded("fsdp_script.py", tmp_path, "fsdp", "tb")
     for messages in (main["fsdp1"], other["fsdp1"]):
         assert len(messages) == 2 and all(m and "FSDP1" in m and "FSDP2" in m for m in messages)
-    for run in ("tb", "tb-full"):
-        assert len(list((tmp_path / run).rglob("events*"))) == 1  # only the main process wrote TensorBoard
+
+
+def test_deepspeed_zero3_trainer_two_processes_gather_measure_once_and_stop_together(tmp_path):
+    """DeepSpeed ZeRO-3 partitions (the Trainer with ``deepspeed=<stage 3 config>``, every parameter partitioned);
+    then ZeRO-2, whose parameters are whole on every rank: measured on rank 0 alone, like DDP."""
+    pytest.importorskip("deepspeed")
+    main, other = run_sharded("deepspeed_script.py", tmp_path, "zero3_", "tb-zero3", DS_ACCELERATOR="cpu")
+    assert all(rank[phase]["partitioned"] for rank in (main, other) for phase in ("lora", "full"))
+    zero2, zero2_other = main["zero2"], other["zero2"]
+    assert not zero2["partitioned"] and zero2["errors"] == {}
+    assert zero2["counts"] == zero2["reference_counts"] and zero2["totals"] == zero2["reference_totals"]
+    assert zero2["alert_step"] == zero2["global_step"] == zero2_other["global_step"] == 2
+    assert zero2_other["measured"] == [] and zero2_other["svds"] == 0  # not sharded: rank 1 never measures
+    assert len(list((tmp_path / "tb-zero2").rglob("events*"))) == 1

@@ -74,7 +74,8 @@ def test_no_lora_layers_is_a_clear_error():
 
 
 def test_unreadable_sharding_fails_at_construction():
-    """FSDP1 flat parameters and DeepSpeed ZeRO-3 partitions would be measured as empty shards: refused clearly."""
+    """FSDP1 flat parameters would be measured as 1-D shards: refused clearly (a real FSDP1 run is refused in
+    ``test_distributed.py``; this fakes the wrapper, by class name, in a single process)."""
     from peft import LoraConfig, get_peft_model
 
     from helpers import tiny_bert
@@ -86,8 +87,5 @@ def test_unreadable_sharding_fails_at_construction():
             super().__init__()
             self.inner = inner
 
-    with pytest.raises(ValueError, match="FSDP1"):
+    with pytest.raises(ValueError, match="FSDP1.*use FSDP2"):
         SpectralMonitor(FullyShardedDataParallel(model), progress=False)
-    next(model.parameters()).ds_id = 0  # what DeepSpeed ZeRO-3 tags its partitioned parameters with
-    with pytest.raises(ValueError, match="ZeRO-3"):
-        SpectralMonitor(model, progress=False)
