@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .linalg import LowRankUpdatedMatrix
 from .sharding import full
 
-__all__ = ["DenseMatrix", "find_dense_matrices", "weight_matrix", "save_baseline", "load_baseline"]
+__all__ = ["DenseMatrix", "dense_layers", "find_dense_matrices", "weight_matrix", "save_baseline", "load_baseline"]
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
@@ -107,14 +107,17 @@ def find_dense_matrices(
     """Every ``Linear``/``Conv1D``/``Embedding``/conv layer whose module path matches ``include`` and not
     ``exclude``, with a copy of its current (pretrained) weight taken now (and handed to ``keep`` one at a time,
     so spilling to disk never holds more than one extra copy in memory)."""
-    found = []
-    for name, module in model.named_modules():
-        if not _is_dense_layer(module):
-            continue
-        if (include and not re.search(include, name)) or (exclude and re.search(exclude, name)):
-            continue
-        found.append(DenseMatrix.snapshot_of(name, module, dtype, device, keep))
-    return found
+    return [DenseMatrix.snapshot_of(name, module, dtype, device, keep) for name, module in dense_layers(model, include, exclude)]
+
+
+def dense_layers(model: nn.Module, include: str | None = None, exclude: str | None = None) -> list[tuple[str, nn.Module]]:
+    """``(module path, module)`` of every plain layer full mode can monitor, filtered by the regexes; reads no
+    weight (so it never gathers a shard)."""
+    return [
+        (name, module) for name, module in model.named_modules()
+        if _is_dense_layer(module)
+        and not (include and not re.search(include, name)) and not (exclude and re.search(exclude, name))
+    ]
 
 
 def baseline_fingerprint(matrices: list[DenseMatrix]) -> str:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .basis_store import BasisStore
 from .distributed import is_main_process
-from .full_finetune import DenseMatrix, find_dense_matrices
+from .full_finetune import DenseMatrix, dense_layers, find_dense_matrices
 from .layers import CapturedMatrix, MonitoredMatrix, describe_skipped, find_lora_matrices, has_peft_layers
 from .linalg import TopSVD, exact_top_singular_triplets, top_singular_triplets
 from .metrics import (
@@ -399,7 +399,7 @@ def _nothing_to_monitor(model: nn.Module, mode: str, include: str | None, exclud
     """Why no layer was selected: filters that match none of the candidate layers (listed), or nothing to watch."""
     if include or exclude:
         if mode == "full":
-            available = [m.name for m in find_dense_matrices(model, None, None, torch.float16, "meta")]
+            available = [name for name, _ in dense_layers(model)]
         else:
             available = [m.name for m in find_lora_matrices(model)[0]]
         if available:

@@ -76,11 +76,12 @@ def lora_phase():
     pretrained = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
     model = shard(copy.deepcopy(pretrained))
     callback = LoRASpectralCallback(every_n_steps=2, max_intruders=0, epsilon=EPS, log_dir=os.path.join(out, "tb"),
-                                    progress=False, strict=True, asynchronous=True)
+                                    progress=False, strict=True, asynchronous=True,
+                                    forgetting_proxy=lambda model: {"drift": 0.0})
     global_step, measured = train(model, callback, steps=12, lr=0.3)
     final = gathered_state(model)
     result = {"global_step": global_step, "measured": measured, "svds": callback.monitor._store.computed,
-              "asynchronous": callback.asynchronous}
+              "asynchronous": callback.asynchronous, "forgetting_proxy": callback.forgetting_proxy is not None}
     if rank == 0:
         result.update(recount_run("lora", pretrained, final, callback, EPS))
     return result
