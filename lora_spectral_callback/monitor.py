@@ -378,6 +378,9 @@ class SpectralMonitor:
         for name in self._last_vectors if names is None else names:
             U, basis = self._last_vectors[name], self._basis[name]
             if name not in self._pretrained_sv:
+                if self.sharded and not isinstance(by_name[name], DenseMatrix):  # reading it would gather on one rank
+                    raise RuntimeError(f"the pretrained spectrum of {name} was not kept at its snapshot (taken before "
+                                       "the model was sharded): reading the sharded weight here would hang")
                 self._pretrained_sv[name] = torch.linalg.svdvals(by_name[name].base_weight().detach().double()).cpu()
             cos = (basis[:, :n].to(U.device, U.dtype).T @ U).abs().T  # (k, n)
             out[name] = LayerSpectra(cos.tolist(), self._pretrained_sv[name][:n].tolist())

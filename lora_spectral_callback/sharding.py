@@ -25,8 +25,11 @@ __all__ = ["full", "logical_shape", "module_is_sharded", "unsupported_sharding"]
 def _is_dtensor(t: Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return False
+    except ImportError:
+        try:  # torch < 2.5 kept it private
+            from torch.distributed._tensor import DTensor
+        except ImportError:  # torch built without distributed support
+            return False
     return isinstance(t, DTensor)
 
 

@@ -77,7 +77,7 @@ def lora_phase():
     model = shard(copy.deepcopy(pretrained))
     callback = LoRASpectralCallback(every_n_steps=2, max_intruders=0, epsilon=EPS, log_dir=os.path.join(out, "tb"),
                                     progress=False, strict=True, asynchronous=True,
-                                    forgetting_proxy=lambda model: {"drift": 0.0})
+                                    forgetting_proxy=lambda model: {"drift": 0.0}, image_every_n_measurements=1)
     global_step, measured = train(model, callback, steps=12, lr=0.3)
     final = gathered_state(model)
     result = {"global_step": global_step, "measured": measured, "svds": callback.monitor._store.computed,

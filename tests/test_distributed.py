@@ -91,6 +91,11 @@ def test_fsdp2_two_processes_gather_measure_once_and_stop_together(tmp_path):
     refused on every rank."""
     main, other = run_sharded("fsdp_script.py", tmp_path, "fsdp", "tb")
     assert not main["lora"]["forgetting_proxy"]  # turned off: a forward on rank 0 alone would hang
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()  # pictures need pretrained spectra: kept at the gathered snapshot, so drawing them gathers nothing
+    assert "spectral/intruder_grid" in events.Tags()["images"]
     for messages in (main["fsdp1"], other["fsdp1"]):
         assert len(messages) == 2 and all(m and "FSDP1" in m and "FSDP2" in m for m in messages)
 
