@@ -119,6 +119,7 @@ def main() -> None:
 
     state = PartialState()
     print(f"process {state.process_index} of {state.num_processes} ended at step {step}", flush=True)
+    state.destroy_process_group()  # a clean exit: gloo's threads are not torn down mid-flight
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ make it cheaper:
   process holds only page cache the OS can drop, not resident copies; every measurement streams it once. Full
   fine-tuning mode keeps its pretrained weight copies the same way (``disk_copy``).
 
-Files are standard safetensors (one tensor ``"basis"``), written atomically (temp file + rename) so concurrent
+Files are standard safetensors (tensors ``"basis"`` and ``"singular_values"``), written atomically (temp file + rename) so concurrent
 runs sharing a cache never read a half-written file.
 """
 
@@ -26,20 +26,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .metrics import pretrained_left_basis
+from .metrics import pretrained_basis_and_spectrum
 
 __all__ = ["BasisStore", "weight_fingerprint"]
 
-_KEY = "basis"
+_KEY, _SPECTRUM_KEY, _WEIGHT_KEY = "basis", "singular_values", "weight"
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
-def weight_fingerprint(W: Tensor) -> str:
-    """BLAKE2b hash of a weight's bytes, shape and dtype: equal fingerprints mean the same basis."""
-    data = W.detach().to("cpu").contiguous()
+def weight_fingerprint(*weights: Tensor) -> str:
+    """BLAKE2b hash of the weights' bytes, shapes and dtypes, in order: equal fingerprints mean the same basis
+    (one weight) or the same baseline (several). Streams each weight: no concatenated copy is made."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{tuple(data.shape)}|{data.dtype}".encode())
-    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    for W in weights:
+        data = W.detach().to("cpu").contiguous()
+        h.update(f"{tuple(data.shape)}|{data.dtype}".encode())
+        if data.numel():
+            h.update(data.view(-1).view(torch.uint8).numpy())  # hashed in place, through the buffer protocol
     return h.hexdigest()
 
 
@@ -56,54 +59,71 @@ class BasisStore:
         self.device = device
         self._tmp = tempfile.TemporaryDirectory(prefix="lora-spectral-") if device == "disk" and not cache_dir else None
         self.cache_dir = self._tmp.name if self._tmp is not None else cache_dir
+        self._copies: tempfile.TemporaryDirectory | None = None
         self.computed = 0
 
     @property
     def on_disk(self) -> bool:
         return self.device == "disk"
 
-    def basis(self, W0: Tensor) -> Tensor:
-        """The thin left singular basis of ``W0`` (already in the compute dtype), from cache if possible."""
+    def basis(self, W0: Tensor) -> tuple[Tensor, Tensor]:
+        """The thin left singular basis of ``W0`` (already in the compute dtype), stored as configured, and its
+        singular values (float64, CPU); from cache if possible."""
         if self.cache_dir is None:
-            return self._compute(W0).to(self.device, self.dtype)
-        path = os.path.join(self.cache_dir, f"{weight_fingerprint(W0)}-{str(self.dtype).removeprefix('torch.')}.safetensors")
-        if not os.path.exists(path):
-            _save_atomically(self._compute(W0).to("cpu", self.dtype), path)
-        if self.on_disk:
-            return _memory_map(path)
-        from safetensors.torch import load_file
+            U0, S = self._compute(W0)
+            return U0.to(self.device, self.dtype), S
+        from safetensors import safe_open
 
-        return load_file(path)[_KEY].to(self.device)
+        path = os.path.join(self.cache_dir, f"{weight_fingerprint(W0)}-{str(self.dtype).removeprefix('torch.')}.safetensors")
+        if os.path.exists(path):
+            with safe_open(path, "pt") as f:
+                stored = set(f.keys())
+        if not os.path.exists(path) or _SPECTRUM_KEY not in stored:  # missing, or written before spectra were kept
+            U0, S = self._compute(W0)
+            _save_atomically({_KEY: U0.to("cpu", self.dtype), _SPECTRUM_KEY: S}, path)
+        with safe_open(path, "pt") as f:
+            S = f.get_tensor(_SPECTRUM_KEY)
+            U0 = _memory_map(path) if self.on_disk else f.get_tensor(_KEY).to(self.device)
+        return U0, S
 
     def disk_copy(self, W: Tensor) -> Tensor:
-        """``W`` written to a safetensors file in this store's directory and returned memory-mapped (the file is
-        named by the fingerprint, so an identical copy already there is reused, not rewritten)."""
-        path = os.path.join(self.cache_dir, f"weight-{weight_fingerprint(W)}.safetensors")
-        if not os.path.exists(path):
-            _save_atomically(W.detach().to("cpu"), path)
-        return _memory_map(path)
+        """``W`` written to a safetensors file and returned memory-mapped. Copies are per run (a resumed run
+        replaces them with its saved baseline), so they go to a private temporary directory, never into a shared
+        cache, and the file is unlinked at once: the mapping keeps it readable, and its disk space is freed as
+        soon as the tensor is dropped (where the OS refuses to unlink an open file, it goes at exit)."""
+        if self._copies is None:
+            self._copies = tempfile.TemporaryDirectory(prefix="lora-spectral-copies-")
+        fd, path = tempfile.mkstemp(dir=self._copies.name, suffix=".safetensors")
+        os.close(fd)
+        _save_atomically({_WEIGHT_KEY: W.detach().to("cpu")}, path)
+        copy = _memory_map(path, _WEIGHT_KEY)
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        return copy
 
-    def _compute(self, W0: Tensor) -> Tensor:
+    def _compute(self, W0: Tensor) -> tuple[Tensor, Tensor]:
         self.computed += 1
-        return pretrained_left_basis(W0, W0.dtype)
+        return pretrained_basis_and_spectrum(W0, W0.dtype)
 
 
-def _save_atomically(tensor: Tensor, path: str) -> None:
+def _save_atomically(tensors: dict[str, Tensor], path: str) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({_KEY: tensor.contiguous()}, tmp, metadata={"producer": "lora-spectral-callback"})
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata={"producer": "lora-spectral-callback"})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _memory_map(path: str) -> Tensor:
-    """The ``basis`` tensor of a safetensors file as a copy-on-write memory map (no bytes read up front).
+def _memory_map(path: str, key: str = _KEY) -> Tensor:
+    """Tensor ``key`` of a safetensors file as a copy-on-write memory map (no bytes read up front).
 
     safetensors' layout is an 8-byte little-endian header length, a JSON header with each tensor's dtype, shape
     and byte offsets, then the raw data; we map the data region's bytes directly (``safe_open`` would copy them)
@@ -112,7 +132,7 @@ def _memory_map(path: str) -> Tensor:
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
-    info = header[_KEY]
+    info = header[key]
     start, end = info["data_offsets"]
     if end == start:
         return torch.zeros(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .linalg import LowRankUpdatedMatrix
-from .sharding import full
+from .sharding import full, module_is_sharded
 
 __all__ = ["DenseMatrix", "dense_layers", "find_dense_matrices", "weight_matrix", "save_baseline", "load_baseline"]
 
@@ -74,7 +74,8 @@ class DenseMatrix:
     def capture(self) -> "DenseMatrix":
         """This layer as it is now, for measuring later (asynchronous mode): a full fine-tune trains the weight
         itself, so unlike LoRA's small factors the whole current weight is copied (its size, once per capture)."""
-        return replace(self, frozen=self.current_weight().clone())
+        current = self.current_weight()
+        return replace(self, frozen=current if module_is_sharded(self.module) else current.clone())  # gathered: a copy
 
     def operator(self, W0: Tensor) -> LowRankUpdatedMatrix:
         """The fine-tuned weight as a dense operator, in ``W0``'s dtype and device."""
@@ -93,7 +94,7 @@ class DenseMatrix:
         return torch.linalg.svdvals(self.update(device, torch.float64))
 
     def copy_bytes(self) -> int:
-        return self.pretrained.numel() * self.pretrained.element_size()
+        return 0 if self.pretrained.is_meta else self.pretrained.numel() * self.pretrained.element_size()
 
 
 def find_dense_matrices(
@@ -124,7 +125,7 @@ def baseline_fingerprint(matrices: list[DenseMatrix]) -> str:
     """One hash over every stored pretrained copy: a resumed run checks it measures against the same baseline."""
     from .basis_store import weight_fingerprint
 
-    return weight_fingerprint(torch.cat([m.pretrained.reshape(-1).float() for m in matrices]))
+    return weight_fingerprint(*(m.pretrained for m in matrices))
 
 
 def save_baseline(matrices: list[DenseMatrix], path: str) -> str:
@@ -142,19 +143,20 @@ def save_baseline(matrices: list[DenseMatrix], path: str) -> str:
 def load_baseline(matrices: list[DenseMatrix], path: str, fingerprint: str, keep: Keep | None = None) -> None:
     """Replace the copies taken from the (resumed, already fine-tuned) model by the first run's, after checking
     they are the baseline the run's history was measured against."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     if not os.path.exists(path):
         raise ValueError(
             f"resuming a full fine-tune needs the pretrained baseline the first run saved at {path!r}, which is "
             "missing: without it the monitor would compare the fine-tuned weights with themselves"
         )
-    stored = load_file(path)
-    for m in matrices:
-        if m.name not in stored or stored[m.name].shape != m.pretrained.shape:
-            raise ValueError(f"the pretrained baseline at {path!r} does not match the monitored layer {m.name}")
-        m.pretrained = stored[m.name].to(m.pretrained.device, m.pretrained.dtype)
-        m.pretrained = m.pretrained if keep is None else keep(m.pretrained)
+    with safe_open(path, "pt") as stored:  # one layer at a time: with keep= on disk, never the whole baseline in RAM
+        names = set(stored.keys())
+        for m in matrices:
+            if m.name not in names or tuple(stored.get_slice(m.name).get_shape()) != tuple(m.pretrained.shape):
+                raise ValueError(f"the pretrained baseline at {path!r} does not match the monitored layer {m.name}")
+            copy = stored.get_tensor(m.name).to(m.pretrained.device, m.pretrained.dtype)
+            m.pretrained = copy if keep is None else keep(copy)
     if baseline_fingerprint(matrices) != fingerprint:
         raise ValueError(
             f"the pretrained baseline at {path!r} is not the one this run's history was measured against "

@@ -122,14 +122,18 @@ class MonitoredMatrix:
         live when it is frozen (``requires_grad=False``, as under LoRA: nothing changes it), else copied too; so
         is a sharded one, whose gather is a collective that only a ``capture`` on every rank may do.
         """
+        sharded = module_is_sharded(self.module)
+        # a gathered tensor is already a private copy; in a partly sharded module the unsharded ones stay live,
+        # which is harmless because a sharded model is measured right away (never in the background)
+        own = (lambda t: t.detach()) if sharded else (lambda t: t.detach().clone())
         magnitude = self.dora_magnitude()
         base = self.base_weight()
         return CapturedMatrix(
             self.name,
             self,
-            [(B.detach().clone(), A.detach().clone(), s) for B, A, s in self.adapter_weights()],
-            None if magnitude is None else magnitude.detach().clone(),
-            base.detach().clone() if base.requires_grad or module_is_sharded(self.module) else None,
+            [(own(B), own(A), s) for B, A, s in self.adapter_weights()],
+            None if magnitude is None else own(magnitude),
+            own(base) if base.requires_grad or sharded else None,
         )
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "pretrained_left_basis",
+    "pretrained_basis_and_spectrum",
     "max_abs_cosine",
     "count_intruders",
     "effective_rank",
@@ -23,14 +23,15 @@ __all__ = [
 ]
 
 
-def pretrained_left_basis(W0: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Thin left singular basis ``U0`` of the pretrained matrix (``torch.linalg.svd(full_matrices=False)``).
+def pretrained_basis_and_spectrum(W0: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Thin left singular basis ``U0`` of the pretrained matrix (``torch.linalg.svd(full_matrices=False)``) and its
+    singular values (float64, CPU), which the same SVD gives for free (pictures show them).
 
     The paper compares against *all* of these columns, not only the top ones, so the whole thin basis is kept.
     Columns come in descending singular-value order, so ``U0[:, :p]`` also seeds the solver.
     """
-    U0, _, _ = torch.linalg.svd(W0.to(dtype), full_matrices=False)
-    return U0
+    U0, S, _ = torch.linalg.svd(W0.to(dtype), full_matrices=False)
+    return U0, S.double().cpu()
 
 
 def basis_rounding_error(dtype: torch.dtype) -> float:

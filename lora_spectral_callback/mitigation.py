@@ -97,6 +97,9 @@ def scale_intruders(
         raise ValueError(f"new_adapter_name={new_adapter_name!r} is invalid: the model already has that adapter")
     if monitor is None:
         monitor = SpectralMonitor(model, top_k=top_k, epsilon=epsilon, **{**_MITIGATION_OPTIONS, **monitor_options})
+    if monitor.sharded:
+        raise ValueError("scale_intruders works on an unsharded model: gather it first (FSDP2 / ZeRO-3 shards are "
+                         "not supported here), e.g. on the saved adapter after training")
     if any(m.is_dora() for m in monitor.matrices):
         raise ValueError("scale_intruders does not support DoRA: its row rescaling is not a low-rank update")
     monitor.snapshot()

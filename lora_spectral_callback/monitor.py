@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -151,8 +151,11 @@ class SpectralMonitor:
         self.matrices: list[MonitoredMatrix | DenseMatrix]
         if self.mode == "full":
             copy_device = "cpu" if self._store.on_disk else cfg.basis_device
+            keep = self.keep_copy
+            if module_is_sharded(model) and not is_main_process():
+                keep = _shape_only  # only the main process measures a sharded model: gather each copy, keep none
             self.matrices = find_dense_matrices(
-                model, cfg.include, cfg.exclude, _DTYPES[cfg.weight_copy_dtype], copy_device, self.keep_copy
+                model, cfg.include, cfg.exclude, _DTYPES[cfg.weight_copy_dtype], copy_device, keep
             )
             copied = sum(m.copy_bytes() for m in self.matrices)
             log = logger.warning if cfg.mode == "auto" else logger.info  # say so loudly if it was not asked for
@@ -170,7 +173,7 @@ class SpectralMonitor:
         self._snapshot_errors: dict[str, tuple[type[Exception], str]] = {}
         self._warm_start: dict[str, Tensor] = {}
         self._last_vectors: dict[str, Tensor] = {}  # top-k left singular vectors of the last measurement
-        self._pretrained_sv: dict[str, Tensor] = {}  # filled lazily by spectra()
+        self._pretrained_sv: dict[str, Tensor] = {}  # singular values of each pretrained weight, from the snapshot
         self._generators: dict[torch.device, torch.Generator] = {}
         self._reported: set[tuple[str, str]] = set()
 
@@ -213,11 +216,9 @@ class SpectralMonitor:
                 W0 = matrix.base_weight().detach().to(self.compute_dtype)
                 if not torch.isfinite(W0).all():
                     raise _NonFinite("pretrained weight contains NaN or Inf")
-                self._basis[matrix.name] = self._store.basis(W0)
+                self._basis[matrix.name], self._pretrained_sv[matrix.name] = self._store.basis(W0)
                 self._shapes[matrix.name] = W0.shape
                 self._snapshot_errors.pop(matrix.name, None)
-                if isinstance(matrix, CapturedMatrix):  # a gathered copy: spectra() cannot read the base later
-                    self._pretrained_sv[matrix.name] = torch.linalg.svdvals(W0.double()).cpu()
         except Exception as err:
             if self.config.strict and not isinstance(err, _NonFinite):
                 raise
@@ -250,14 +251,35 @@ class SpectralMonitor:
         return None. Without sharding, call it wherever you like (the callback calls it on rank 0 only).
         """
         if matrices is None and self.sharded:
-            gathered = (matrix.capture() for matrix in self.matrices)  # lazily: one gathered matrix at a time
-            if not is_main_process():
-                for _ in gathered:  # take part in every gather, measure nothing
-                    pass
-                return None
-            return self._measure(step, gathered, snapshot_each=True)
+            return self._measure_gathered(step)
         self.snapshot()
-        return self._measure(step, self.matrices if matrices is None else matrices)
+        return self._measure(step, self.matrices if matrices is None else matrices, snapshot_each=self.sharded)
+
+    def _measure_gathered(self, step: int | None) -> SpectralReport | None:
+        """The collective measurement of a sharded model (see ``measure``). Every rank walks every matrix's gathers
+        whatever happens on the main process (a failed layer, or a ``strict`` raise, drains the rest first), so
+        the ranks stay in step."""
+        gathered = self._gathered()
+        if not is_main_process():
+            for item in gathered:  # take part in every gather, measure nothing
+                del item
+            return None
+        try:
+            return self._measure(step, gathered, snapshot_each=True)
+        finally:
+            for item in gathered:  # only left over after a raise
+                del item
+
+    def _gathered(self) -> Iterator[CapturedMatrix | DenseMatrix | _GatherFailed]:
+        """Each monitored matrix in turn, gathered on every rank; a failure after its gathers becomes an item, so
+        every rank still goes on to the next matrix. One gathered matrix is alive at a time."""
+        for matrix in self.matrices:
+            try:
+                item = matrix.capture()
+            except Exception as err:
+                item = _GatherFailed(matrix.name, matrix.module, f"{type(err).__name__}: {err}")
+            yield item
+            del item
 
     def _measure(
         self, step: int | None, matrices: Iterable[MonitoredMatrix | CapturedMatrix | DenseMatrix], snapshot_each: bool = False
@@ -268,9 +290,11 @@ class SpectralMonitor:
         nonfinite: list[str] = []
         present = {id(module) for module in self.model.modules()}
         for matrix in matrices:
-            if snapshot_each and matrix.name not in self._basis:
+            if snapshot_each and matrix.name not in self._basis and not isinstance(matrix, _GatherFailed):
                 self._snapshot_one(matrix)  # from the gathered copy (sharded weights): snapshot() skipped them
             try:
+                if isinstance(matrix, _GatherFailed):
+                    raise RuntimeError(f"gathering the sharded weights failed: {matrix.error}")
                 if id(matrix.module) not in present:
                     raise RuntimeError("layer is no longer part of the model (removed or replaced since the snapshot)")
                 if matrix.name in self._snapshot_errors:
@@ -286,6 +310,7 @@ class SpectralMonitor:
                     raise
                 errors[matrix.name] = f"{type(err).__name__}: {err}"
                 self._log_once(matrix.name, type(err).__name__, f"skipping {matrix.name} in this measurement: {errors[matrix.name]}")
+            del matrix  # a gathered copy goes before the next one is gathered
         return SpectralReport.from_layers(
             step, list(self.config.epsilons), layers, errors, nonfinite, time.perf_counter() - start
         )
@@ -370,18 +395,12 @@ class SpectralMonitor:
     def spectra(self, names: Sequence[str] | None = None, n_pretrained: int | None = None) -> dict[str, LayerSpectra]:
         """|cos| matrix and pretrained spectrum of the last measurement of ``names`` (default: all measured), for
         pictures. ``n_pretrained`` (default ``2 * top_k``) pretrained vectors are compared; the pretrained
-        singular values cost one ``svdvals`` per layer, once, and nothing here runs unless pictures are wanted.
+        singular values were kept from the snapshot's SVD, so no weight is read (nor, when sharded, gathered).
         """
         n = n_pretrained or 2 * self.config.top_k
-        by_name = {m.name: m for m in self.matrices}
         out: dict[str, LayerSpectra] = {}
         for name in self._last_vectors if names is None else names:
             U, basis = self._last_vectors[name], self._basis[name]
-            if name not in self._pretrained_sv:
-                if self.sharded and not isinstance(by_name[name], DenseMatrix):  # reading it would gather on one rank
-                    raise RuntimeError(f"the pretrained spectrum of {name} was not kept at its snapshot (taken before "
-                                       "the model was sharded): reading the sharded weight here would hang")
-                self._pretrained_sv[name] = torch.linalg.svdvals(by_name[name].base_weight().detach().double()).cpu()
             cos = (basis[:, :n].to(U.device, U.dtype).T @ U).abs().T  # (k, n)
             out[name] = LayerSpectra(cos.tolist(), self._pretrained_sv[name][:n].tolist())
         return out
@@ -418,6 +437,20 @@ def _nothing_to_monitor(model: nn.Module, mode: str, include: str | None, exclud
         "No LoRA layer to monitor: wrap the model with peft.get_peft_model(...) and a LoraConfig first, "
         "or monitor a full fine-tune by naming its layers: include=<regex>, mode='full'."
     )
+
+
+@dataclass
+class _GatherFailed:
+    """Stands in for a matrix whose gathered copy could not be made (the gathers themselves ran)."""
+
+    name: str
+    module: nn.Module
+    error: str
+
+
+def _shape_only(copy: Tensor) -> Tensor:
+    """What a rank that never measures keeps of a pretrained copy: its shape and dtype."""
+    return torch.empty(copy.shape, dtype=copy.dtype, device="meta")
 
 
 class _NonFinite(ValueError):

@@ -98,3 +98,4 @@ results = {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"]), "lora": lo
            "zero2": lora_phase(stage=2)}
 with open(os.path.join(out, f"zero3_{rank}.json"), "w") as f:
     json.dump(results, f)
+deepspeed.comm.destroy_process_group()

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import torch
+
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
@@ -58,3 +60,4 @@ with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         "alert_step": callback.last_alert.step if callback.last_alert else None,
         "intruders": callback.last_report.intruders_total if callback.last_report else None,
     }, f)
+torch.distributed.destroy_process_group()  # without it a rank sometimes aborted at exit ("terminate called ...")

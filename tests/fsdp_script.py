@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import sys
+from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
@@ -26,7 +27,7 @@ from lora_spectral_callback import LoRASpectralCallback  # noqa: E402
 
 EPS = [0.5, 0.7]
 out = sys.argv[1]
-dist.init_process_group("gloo")
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))  # a rank left behind fails fast
 rank = dist.get_rank()
 
 
@@ -100,6 +101,39 @@ def full_phase():
     return result
 
 
+def faults_phase():
+    """A layer failing on rank 0 after its gathers, a failing copy, and a strict raise mid-walk: the ranks must stay
+    in step (the all-reduce after each would time out otherwise: the process group has a 60 s timeout)."""
+    from lora_spectral_callback import SpectralMonitor
+    from lora_spectral_callback.distributed import any_rank
+
+    model = shard(get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])))
+    outcomes = {}
+    for strict in (False, True):
+        monitor = SpectralMonitor(model, progress=False, strict=strict)
+        first, second = monitor.matrices[0], monitor.matrices[1]
+        if rank == 0:
+            real_measure, real_capture = monitor.measure_matrix, second.capture
+
+            def measure_matrix(matrix, real_measure=real_measure, first=first):
+                if matrix.name == first.name:
+                    raise RuntimeError("simulated failure while measuring")
+                return real_measure(matrix)
+
+            def capture(real_capture=real_capture):
+                real_capture()  # the gathers happen, then the copy fails
+                raise torch.OutOfMemoryError("simulated failure after gathering")
+
+            monitor.measure_matrix, second.capture = measure_matrix, capture
+        try:
+            report = monitor.measure(1)
+            outcomes[strict] = None if report is None else sorted(report.errors) + sorted(report.layers)
+        except RuntimeError as err:
+            outcomes[strict] = f"raised: {err}"
+        any_rank(False)  # both ranks reach this only if every gather was matched
+    return {"lenient": outcomes[False], "strict": outcomes[True]}
+
+
 def fsdp1_refused():
     """FSDP1 (flat parameters) is refused with a clear error, whether the wrapper or the model inside is handed over."""
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -118,7 +152,7 @@ def fsdp1_refused():
 
 
 results = {"rank": rank, "world_size": dist.get_world_size(), "lora": lora_phase(), "full": full_phase(),
-           "fsdp1": fsdp1_refused()}
+           "faults": faults_phase(), "fsdp1": fsdp1_refused()}
 with open(os.path.join(out, f"fsdp{rank}.json"), "w") as f:
     json.dump(results, f)
 dist.destroy_process_group()

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 
 from lora_spectral_callback import SpectralMonitor, basis_store
 from lora_spectral_callback.basis_store import BasisStore, weight_fingerprint
-from lora_spectral_callback.metrics import pretrained_left_basis
+from lora_spectral_callback.metrics import pretrained_basis_and_spectrum
 
 from helpers import tiny_bert
 
@@ -47,7 +47,7 @@ def test_disk_and_cached_bases_give_identical_reports(tmp_path, exact_below):
 
 def test_cache_hit_on_second_monitor_runs_no_svd(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(basis_store, "pretrained_left_basis", lambda W, dtype: calls.append(1) or pretrained_left_basis(W, dtype))
+    monkeypatch.setattr(basis_store, "pretrained_basis_and_spectrum", lambda W, dtype: calls.append(1) or pretrained_basis_and_spectrum(W, dtype))
     model = lora_bert()
     first = SpectralMonitor(model, basis_cache_dir=str(tmp_path), basis_device="disk", progress=False)
     first.snapshot()
@@ -64,9 +64,25 @@ def test_cache_hit_on_second_monitor_runs_no_svd(tmp_path, monkeypatch):
 def test_memory_map_reads_nothing_up_front(tmp_path):
     W0 = torch.randn(48, 32)
     store = BasisStore(torch.float16, "disk", str(tmp_path))
-    U0 = store.basis(W0)
+    U0, S = store.basis(W0)
     assert isinstance(U0.numpy(), np.memmap) or U0.untyped_storage().nbytes() == U0.numel() * 2
-    torch.testing.assert_close(U0.float(), pretrained_left_basis(W0).half().float())
+    torch.testing.assert_close(U0.float(), pretrained_basis_and_spectrum(W0)[0].half().float())
+    torch.testing.assert_close(S, torch.linalg.svdvals(W0.double()), rtol=1e-5, atol=1e-6)  # kept for pictures
+
+
+def test_cache_file_without_a_spectrum_is_recomputed(tmp_path):
+    """Cache files written before spectra were kept hold only the basis: they count as a miss and are rewritten."""
+    W0 = torch.randn(40, 24)
+    first = BasisStore(torch.float16, "cpu", str(tmp_path))
+    first.basis(W0)
+    (path,) = tmp_path.glob("*.safetensors")
+    basis_store._save_atomically({"basis": pretrained_basis_and_spectrum(W0)[0].half()}, str(path))  # the old format
+    second = BasisStore(torch.float16, "cpu", str(tmp_path))
+    _, S = second.basis(W0)
+    assert second.computed == 1 and S.shape == (24,)
+    third = BasisStore(torch.float16, "cpu", str(tmp_path))
+    third.basis(W0)
+    assert third.computed == 0
 
 
 def test_fingerprint_depends_on_values_shape_and_dtype():

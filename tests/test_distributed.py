@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -48,8 +49,8 @@ def test_accelerate_custom_loop_stops_every_process(tmp_path, launcher):
                "--steps", "9", "--every", "3", "--lr", "0.05", "--max-intruders", "0", "--log-dir", str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    ended = sorted(line for line in result.stdout.splitlines() if "ended at step" in line)
-    assert ended == ["process 0 of 2 ended at step 3", "process 1 of 2 ended at step 3"]  # stopped together, early
+    ended = sorted(re.findall(r"process (\d) of 2 ended at step (\d+)", result.stdout))  # the ranks' lines may interleave
+    assert ended == [("0", "3"), ("1", "3")]  # stopped together, early
     assert result.stdout.count("stopping: intruder dimensions at step 3") == 1  # decided (and measured) once
     assert len(list(tmp_path.glob("events*"))) == 1
 
@@ -91,6 +92,10 @@ def test_fsdp2_two_processes_gather_measure_once_and_stop_together(tmp_path):
     refused on every rank."""
     main, other = run_sharded("fsdp_script.py", tmp_path, "fsdp", "tb")
     assert not main["lora"]["forgetting_proxy"]  # turned off: a forward on rank 0 alone would hang
+    names = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")]
+    assert main["faults"]["lenient"] == [names[0], names[1], names[2], names[3]]  # 2 errors, then 2 measured layers
+    assert main["faults"]["strict"] == "raised: simulated failure while measuring"
+    assert other["faults"] == {"lenient": None, "strict": None}  # rank 1 walked every gather in both cases
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})

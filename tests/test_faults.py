@@ -159,7 +159,7 @@ def test_out_of_memory_during_svd(tmp_path, caplog, monkeypatch, error, exact_be
 def test_out_of_memory_in_the_pretrained_snapshot_skips_the_layer(tmp_path, caplog, monkeypatch):
     from lora_spectral_callback import basis_store
 
-    real = basis_store.pretrained_left_basis
+    real = basis_store.pretrained_basis_and_spectrum
 
     failures = []
 
@@ -169,7 +169,7 @@ def test_out_of_memory_in_the_pretrained_snapshot_skips_the_layer(tmp_path, capl
             raise torch.OutOfMemoryError("CUDA out of memory")
         return real(W0, dtype)
 
-    monkeypatch.setattr(basis_store, "pretrained_left_basis", basis)
+    monkeypatch.setattr(basis_store, "pretrained_basis_and_spectrum", basis)
     trainer, callback = run(tmp_path, lambda model, step: None, caplog)
     assert trainer.state.global_step == MAX_STEPS
     assert len(warnings_about(caplog, "pretrained snapshot failed: OutOfMemoryError")) == 1

@@ -49,7 +49,8 @@ def test_heatmap_data_equals_float64_recount(measured):
     expected, sigma0 = reference_cosines(model.base_model.model.get_submodule(name), n=20)
     # fp16-stored pretrained basis moves a cosine by <= 4.9e-4 (metrics.basis_rounding_error)
     np.testing.assert_allclose(np.array(spectra.cosines), expected.numpy(), atol=1e-3)
-    np.testing.assert_allclose(spectra.pretrained_singular_values, sigma0.numpy(), rtol=1e-10)
+    # the pretrained spectrum comes from the snapshot's SVD, in the float32 compute dtype
+    np.testing.assert_allclose(spectra.pretrained_singular_values, sigma0.numpy(), rtol=1e-5)
 
     layer = report.layers[name]
     fig = cosine_heatmap(name, layer, spectra, report.epsilon)

@@ -147,7 +147,8 @@ def test_auto_mode_refuses_other_peft_tuners():
         SpectralMonitor(model, progress=False)
 
 
-def test_resumed_full_finetune_measures_against_the_first_runs_baseline(tmp_path):
+@pytest.mark.parametrize("basis_device", ["cpu", "disk"])  # disk: copies and baseline read back memory-mapped
+def test_resumed_full_finetune_measures_against_the_first_runs_baseline(tmp_path, basis_device):
     """The resumed model is already fine-tuned: the monitor must use the copies the first run saved, not retake
     them; a missing or different baseline stops the resume with a clear error."""
     from transformers import Trainer, TrainingArguments
@@ -156,7 +157,8 @@ def test_resumed_full_finetune_measures_against_the_first_runs_baseline(tmp_path
     from lora_spectral_callback import LoRASpectralCallback
 
     def trainer(model, max_steps):
-        callback = LoRASpectralCallback(every_n_steps=2, epsilon=EPS, include=r"query|value", log_dir=str(tmp_path / "tb"), progress=False, strict=True)
+        callback = LoRASpectralCallback(every_n_steps=2, epsilon=EPS, include=r"query|value", log_dir=str(tmp_path / "tb"),
+                                        basis_device=basis_device, progress=False, strict=True)
         args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=8,
                                  learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
                                  disable_tqdm=True, seed=0)
@@ -202,16 +204,20 @@ def test_asynchronous_full_finetune_measures_the_captured_weights(tmp_path):
 @pytest.mark.parametrize("copy_dtype", ["float32", "bfloat16"])
 def test_disk_weight_copies_are_memory_mapped_and_give_the_same_report(tmp_path, copy_dtype):
     """basis_device="disk" keeps full mode's pretrained copies in safetensors files, mapped (not read) into the
-    process; the numbers equal those of copies held in memory (bfloat16 too, which numpy cannot map by itself)."""
+    process, in a private directory (never the shared basis cache); the numbers equal those of copies held in
+    memory (bfloat16 too, which numpy cannot map by itself)."""
+    from pathlib import Path
+
     model = tiny_bert(hidden=64)
     options = dict(include=r"query|value", epsilon=EPS, weight_copy_dtype=copy_dtype, progress=False, strict=True)
     on_disk = SpectralMonitor(model, basis_device="disk", basis_cache_dir=str(tmp_path), **options)
     in_memory = SpectralMonitor(model, **options)
-    files = sorted(tmp_path.glob("weight-*.safetensors"))
-    assert len(files) == len(on_disk.matrices) == 4
+    copies = on_disk._store._copies.name
+    assert list(Path(copies).iterdir()) == []  # unlinked at once: the mappings keep them, dropping frees the space
+    assert list(tmp_path.iterdir()) == []  # the cache holds bases only (none computed yet)
     with open("/proc/self/maps") as maps:
-        mapped = maps.read()
-    assert all(str(f) in mapped for f in files)  # the copies are file mappings, not resident allocations
+        mapped = {line.split(maxsplit=5)[-1] for line in maps.read().splitlines() if copies in line}
+    assert len(mapped) == len(on_disk.matrices) == 4  # the copies are file mappings, not resident allocations
     for a, b in zip(on_disk.matrices, in_memory.matrices):
         assert a.pretrained.dtype == getattr(torch, copy_dtype) and torch.equal(a.pretrained, b.pretrained)
     g = torch.Generator().manual_seed(0)
@@ -219,6 +225,7 @@ def test_disk_weight_copies_are_memory_mapped_and_give_the_same_report(tmp_path,
         for m in on_disk.matrices:
             m.module.weight.add_(torch.randn(m.module.weight.shape, generator=g) * 0.05)
     first, second = on_disk.measure(step=1), in_memory.measure(step=1)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4  # the bases, after the first measurement
     assert first.errors == {} and first.intruders_total_by_epsilon == second.intruders_total_by_epsilon
     for name, layer in first.layers.items():
         assert layer.effective_rank == pytest.approx(second.layers[name].effective_rank, rel=1e-12)

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lora_spectral_callback.linalg import LowRankUpdatedMatrix, exact_top_singular_triplets, top_singular_triplets
-from lora_spectral_callback.metrics import count_intruders, max_abs_cosine, pretrained_left_basis
+from lora_spectral_callback.metrics import count_intruders, max_abs_cosine, pretrained_basis_and_spectrum
 
 GAP = 1e-3  # relative singular-value gap / distance to epsilon below which a case is ill-posed
 PROPERTIES = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
@@ -75,7 +75,7 @@ def assume_well_posed(p: Problem, basis_too: bool = False) -> None:
 
 
 def exact(p: Problem):
-    basis = pretrained_left_basis(p.W0, torch.float64)
+    basis = pretrained_basis_and_spectrum(p.W0, torch.float64)[0]
     svd = exact_top_singular_triplets(LowRankUpdatedMatrix(p.W0, p.B, p.A), p.k)
     return max_abs_cosine(svd.U, basis), svd
 
@@ -83,7 +83,7 @@ def exact(p: Problem):
 def iterative(p: Problem, oversample: int = 2):
     """The warm-started subspace iteration as the monitor runs it (seeded by the pretrained basis, stopped once
     every count is certain), with a small block so that it really iterates on these small matrices."""
-    basis = pretrained_left_basis(p.W0, torch.float64)
+    basis = pretrained_basis_and_spectrum(p.W0, torch.float64)[0]
     epsilons = torch.tensor(p.epsilons, dtype=torch.float64)
 
     def margin(U):
