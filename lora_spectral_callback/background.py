@@ -8,8 +8,8 @@ next measurement step and at train end, so no measurement is ever dropped).
 Assumption: the base weights are frozen while a measurement runs (true for LoRA: they have ``requires_grad=False``
 and no optimizer touches them), so the worker reads them from the live model instead of copying them; a base
 weight that requires grad is copied at capture time. Merging adapters, moving or re-sharding the model while a
-measurement is in flight is not supported (the callback does not run in the background on a sharded model). On CUDA the worker runs on its own stream, ordered
-after the copies. On CPU the worker shares the cores with training: it removes the stall, not the compute.
+measurement is in flight is not supported (the callback does not run in the background on a sharded model). On
+CUDA the worker runs on its own stream, ordered after the copies. On CPU the worker shares the cores with training: it removes the stall, not the compute.
 """
 
 from __future__ import annotations

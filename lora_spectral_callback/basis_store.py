@@ -10,8 +10,8 @@ make it cheaper:
   process holds only page cache the OS can drop, not resident copies; every measurement streams it once. Full
   fine-tuning mode keeps its pretrained weight copies the same way (``disk_copy``).
 
-Files are standard safetensors (tensors ``"basis"`` and ``"singular_values"``), written atomically (temp file + rename) so concurrent
-runs sharing a cache never read a half-written file.
+Files are standard safetensors (tensors ``"basis"`` and ``"singular_values"``), written atomically (temp file +
+rename) so concurrent runs sharing a cache never read a half-written file.
 """
 
 from __future__ import annotations
@@ -75,10 +75,11 @@ class BasisStore:
         from safetensors import safe_open
 
         path = os.path.join(self.cache_dir, f"{weight_fingerprint(W0)}-{str(self.dtype).removeprefix('torch.')}.safetensors")
+        stored: set[str] = set()
         if os.path.exists(path):
             with safe_open(path, "pt") as f:
                 stored = set(f.keys())
-        if not os.path.exists(path) or _SPECTRUM_KEY not in stored:  # missing, or written before spectra were kept
+        if _SPECTRUM_KEY not in stored:  # missing, or written before spectra were kept
             U0, S = self._compute(W0)
             _save_atomically({_KEY: U0.to("cpu", self.dtype), _SPECTRUM_KEY: S}, path)
         with safe_open(path, "pt") as f:

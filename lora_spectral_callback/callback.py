@@ -273,11 +273,13 @@ class LoRASpectralCallback(TrainerCallback):
         are turned off, loudly."""
         if not self.monitor.sharded:
             return
-        for option, what in (("asynchronous", "background measurement"), ("forgetting_proxy", "the forgetting proxy")):
-            if getattr(self, option):
-                logger.warning("lora-spectral-callback: %s is off: the model's weights are sharded, and on rank 0 alone it "
-                               "would run collectives the other ranks never join", what)
-                setattr(self, option, False if option == "asynchronous" else None)
+        why = "the model's weights are sharded, and on rank 0 alone it would run collectives the other ranks never join"
+        if self.asynchronous:
+            logger.warning("lora-spectral-callback: background measurement is off: %s", why)
+            self.asynchronous = False
+        if self.forgetting_proxy is not None:
+            logger.warning("lora-spectral-callback: the forgetting proxy is off: %s", why)
+            self.forgetting_proxy = None
 
     def _full_finetune_baseline(self, output_dir: str) -> None:
         """Full fine-tuning compares against copies of weights that training changes: the first run saves them

@@ -14,13 +14,13 @@ A :class:`DenseMatrix` implements the same small interface as :class:`~.layers.M
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
+from .layers import selected
 from .linalg import LowRankUpdatedMatrix
 from .sharding import full, module_is_sharded
 
@@ -114,11 +114,7 @@ def find_dense_matrices(
 def dense_layers(model: nn.Module, include: str | None = None, exclude: str | None = None) -> list[tuple[str, nn.Module]]:
     """``(module path, module)`` of every plain layer full mode can monitor, filtered by the regexes; reads no
     weight (so it never gathers a shard)."""
-    return [
-        (name, module) for name, module in model.named_modules()
-        if _is_dense_layer(module)
-        and not (include and not re.search(include, name)) and not (exclude and re.search(exclude, name))
-    ]
+    return [(name, m) for name, m in model.named_modules() if _is_dense_layer(m) and selected(name, include, exclude)]
 
 
 def baseline_fingerprint(matrices: list[DenseMatrix]) -> str:

@@ -33,7 +33,10 @@ from .sharding import full, logical_shape, module_is_sharded
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MonitoredMatrix", "CapturedMatrix", "find_lora_matrices", "has_peft_layers", "describe_skipped", "readable_name"]
+__all__ = [
+    "MonitoredMatrix", "CapturedMatrix", "find_lora_matrices", "has_peft_layers", "describe_skipped", "readable_name",
+    "selected",
+]
 
 _PEFT_PREFIXES = ("base_model.model.", "base_model.")
 
@@ -232,6 +235,11 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
+def selected(name: str, include: str | None, exclude: str | None) -> bool:
+    """Whether a layer name passes the ``include`` / ``exclude`` regexes (both modes filter with this)."""
+    return not (include and not re.search(include, name)) and not (exclude and re.search(exclude, name))
+
+
 def has_peft_layers(model: nn.Module) -> bool:
     """Whether PEFT has put any adapter layer (LoRA or another tuner) into ``model``; decides ``mode="auto"``, so
     that a LoHa/VeRA/... model is refused in LoRA mode rather than measured as an unchanging "full" fine-tune."""
@@ -256,7 +264,7 @@ def find_lora_matrices(
         if not isinstance(module, LoraLayer):
             continue
         name = readable_name(path)
-        if (include and not re.search(include, name)) or (exclude and re.search(exclude, name)):
+        if not selected(name, include, exclude):
             continue
         reason = _unsupported_reason(module)
         if reason is None:

@@ -52,9 +52,10 @@ class SpectralConfig:
     cheap): ``"exact"`` takes all singular values of the dense update (float64 ``svdvals``), ``"estimate"`` the
     deflated stochastic Lanczos estimate of :func:`.metrics.estimate_effective_rank` (faster on large matrices,
     error measured in the README).
-    ``basis_device`` is a torch device, or ``"disk"`` to keep the bases (and full mode's weight copies)
-    memory-mapped from safetensors files (in ``basis_cache_dir``, else a temporary directory); ``basis_cache_dir`` reuses bases computed by earlier runs on
-    the same base weights (see :mod:`.basis_store`). Solver defaults (``oversample=20``, ``tol=0.05``,
+    ``basis_device`` is a torch device, or ``"disk"`` to keep the bases memory-mapped from safetensors files (in
+    ``basis_cache_dir``, else a temporary directory; full mode's weight copies likewise, always in a private
+    temporary directory); ``basis_cache_dir`` reuses bases computed by earlier runs on the same base weights (see
+    :mod:`.basis_store`). Solver defaults (``oversample=20``, ``tol=0.05``,
     ``exact_below=128``) were chosen with ``benchmarks/bench_detection.py``: ``tol`` only bounds the error of the
     reported vectors/cosines; every count is decided by the error bound against its threshold margin regardless.
     """
@@ -161,7 +162,7 @@ class SpectralMonitor:
             log = logger.warning if cfg.mode == "auto" else logger.info  # say so loudly if it was not asked for
             log("lora-spectral-callback: %sfull fine-tuning mode: %d matrices, %.1f MB of pretrained weight copies%s",
                 "no LoRA layer found, " if cfg.mode == "auto" else "", len(self.matrices), copied / 1e6,
-                f" on disk in {self._store.cache_dir}" if self._store.on_disk else "")
+                ", memory-mapped from disk" if self._store.on_disk else "")
         else:
             self.matrices, skipped = find_lora_matrices(model, cfg.include, cfg.exclude)
             if skipped:
@@ -246,9 +247,9 @@ class SpectralMonitor:
         ``errors`` and skipped.
 
         With sharded weights (``sharded``: FSDP2, ZeRO-3) this is a **collective**: call it on every rank at the
-        same step. Each matrix in turn is gathered on every rank (``capture()``: its full base weight and factors, one matrix
-        in memory at a time) and measured on the main process only, which returns the report; the other ranks
-        return None. Without sharding, call it wherever you like (the callback calls it on rank 0 only).
+        same step. Each matrix in turn is gathered on every rank (``capture()``: its full base weight and factors,
+        one matrix in memory at a time) and measured on the main process only, which returns the report; the other
+        ranks return None. Without sharding, call it wherever you like (the callback calls it on rank 0 only).
         """
         if matrices is None and self.sharded:
             return self._measure_gathered(step)

@@ -1,5 +1,6 @@
 """Two CPU processes on gloo (torchrun or accelerate launch): DDP with the Trainer and a custom accelerate loop,
-and FSDP2 shards; each with a stop rule that fires. About 40 s in all on 2 cores, so they run by default."""
+FSDP2 shards, and DeepSpeed ZeRO-3/ZeRO-2 with the Trainer; each with a stop rule that fires. About 50 s in all
+on 2 cores, so they run by default."""
 
 from __future__ import annotations
 

@@ -76,10 +76,6 @@ def test_no_lora_layers_is_a_clear_error():
 def test_unreadable_sharding_fails_at_construction():
     """FSDP1 flat parameters would be measured as 1-D shards: refused clearly (a real FSDP1 run is refused in
     ``test_distributed.py``; this fakes the wrapper, by class name, in a single process)."""
-    from peft import LoraConfig, get_peft_model
-
-    from helpers import tiny_bert
-
     model = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query"]))
 
     class FullyShardedDataParallel(torch.nn.Module):  # what FSDP1 wraps a model in (by class name)
