@@ -52,7 +52,9 @@ def synthetic_layer(n: int, decay: float, seed: int) -> tuple[torch.Tensor, torc
     return W0, Qb * s, Qa.T
 
 
-def full_svd_counts(W0: torch.Tensor, W: torch.Tensor, dtype: torch.dtype, U0: torch.Tensor | None = None) -> dict[float, int]:
+def full_svd_counts(
+    W0: torch.Tensor, W: torch.Tensor, dtype: torch.dtype, U0: torch.Tensor | None = None
+) -> dict[float, int]:
     """Paper Alg. 1 as PEFT does it: full SVDs of both matrices in ``dtype``, then counts at every epsilon
     (``U0``: the pretrained basis when already known, to share it between reference counts)."""
     if U0 is None:
@@ -208,14 +210,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
-    print(f"torch {torch.__version__}, {where}, basis_dtype={args.basis_dtype}, basis on {args.basis_device}", flush=True)
+    print(
+        f"torch {torch.__version__}, {where}, basis_dtype={args.basis_dtype}, basis on {args.basis_device}", flush=True
+    )
     rows = []
     for n in args.sizes:
         for decay in args.decays:
             rows.append(run_case(n, decay, args, {"basis_dtype": args.basis_dtype, "basis_device": args.basis_device}))
             r = rows[-1]
-            print(f"n={n} {r['spectrum']}: naive {r['naive_s']:.2f}s cold {r['cold_s']:.3f}s warm {r['warm_s']:.3f}s "
-                  f"ok={r['naive_ok']},{r['cold_ok']},{r['warm_ok']} iters {r['iters']}", flush=True)
+            print(
+                f"n={n} {r['spectrum']}: naive {r['naive_s']:.2f}s cold {r['cold_s']:.3f}s warm {r['warm_s']:.3f}s "
+                f"ok={r['naive_ok']},{r['cold_ok']},{r['warm_ok']} iters {r['iters']}",
+                flush=True,
+            )
     print()
     print(markdown(rows))
 

@@ -41,7 +41,11 @@ class Sentiment(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i], "labels": self.labels[i]}
+        return {
+            "input_ids": self.enc["input_ids"][i],
+            "attention_mask": self.enc["attention_mask"][i],
+            "labels": self.labels[i],
+        }
 
 
 def timed_callback(**options):
@@ -80,14 +84,26 @@ def run(args: argparse.Namespace, monitored: bool, data) -> tuple[float, float, 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(get_model_path(), num_labels=2)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
+    )
     with tempfile.TemporaryDirectory() as out:
-        callbacks = [timed_callback(progress=False, asynchronous=args.asynchronous, log_dir=f"{out}/tb")] if monitored else []
+        callbacks = (
+            [timed_callback(progress=False, asynchronous=args.asynchronous, log_dir=f"{out}/tb")] if monitored else []
+        )
         trainer = Trainer(
             model=model,
             args=TrainingArguments(
-                output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=5e-4,
-                report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
+                output_dir=out,
+                max_steps=args.steps,
+                per_device_train_batch_size=args.batch,
+                learning_rate=5e-4,
+                report_to=[],
+                save_strategy="no",
+                logging_strategy="no",
+                disable_tqdm=True,
+                use_cpu=True,
+                seed=0,
             ),
             train_dataset=data,
             callbacks=callbacks,
@@ -119,7 +135,7 @@ def main() -> None:
     times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     measured, inside = [], []
     for _ in range(args.repeats):
-        for monitored in ((True, False) if args.callback_first else (False, True)):
+        for monitored in (True, False) if args.callback_first else (False, True):
             wall, cpu, extra = run(args, monitored, data)
             times[monitored].append((wall, cpu))
             if monitored:
@@ -129,15 +145,19 @@ def main() -> None:
     off_wall, on_wall = (statistics.median(w for w, _ in times[m]) for m in (False, True))
     off_cpu, on_cpu = (statistics.median(c for _, c in times[m]) for m in (False, True))
     report = measured[-1]
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x batch {args.batch}, "
-          f"every_n_steps=50, asynchronous={args.asynchronous}, {len(report.layers)} monitored matrices, "
-          f"final intruders_total={report.intruders_total}, last measurement {report.seconds:.3f} s\n")
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x batch {args.batch}, "
+        f"every_n_steps=50, asynchronous={args.asynchronous}, {len(report.layers)} monitored matrices, "
+        f"final intruders_total={report.intruders_total}, last measurement {report.seconds:.3f} s\n"
+    )
     print("| variant | wall s (median) | CPU s (median) |\n|---|---:|---:|")
     print(f"| without callback | {off_wall:.1f} | {off_cpu:.1f} |\n| with callback | {on_wall:.1f} | {on_cpu:.1f} |")
     print(f"| overhead | {100 * (on_wall / off_wall - 1):+.1f}% | {100 * (on_cpu / off_cpu - 1):+.1f}% |")
     spent = statistics.median(inside)
-    print(f"\ntime inside the callback's events (snapshot + measurements + logging): {spent:.2f} s median "
-          f"= {100 * spent / off_wall:.2f}% of the run without it")
+    print(
+        f"\ntime inside the callback's events (snapshot + measurements + logging): {spent:.2f} s median "
+        f"= {100 * spent / off_wall:.2f}% of the run without it"
+    )
 
 
 if __name__ == "__main__":

@@ -23,13 +23,21 @@ def synthetic_update(kind: str, m: int, n: int, g: torch.Generator) -> torch.Ten
     if kind == "gaussian":
         return torch.randn(m, n, generator=g, dtype=torch.float64)
     if kind == "spikes+noise":
-        low = torch.randn(m, 32, generator=g, dtype=torch.float64) @ torch.randn(32, n, generator=g, dtype=torch.float64)
+        low = torch.randn(m, 32, generator=g, dtype=torch.float64) @ torch.randn(
+            32, n, generator=g, dtype=torch.float64
+        )
         return low * 0.05 + torch.randn(m, n, generator=g, dtype=torch.float64) * 1e-3
     r = min(m, n)
     U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
     V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
     i = torch.arange(1, r + 1, dtype=torch.float64)
-    sigma = {"i^-0.5": i ** -0.5, "i^-1": 1 / i, "i^-2": i ** -2.0, "exp(-i/50)": torch.exp(-i / 50), "rank 8": (i <= 8).double()}[kind]
+    sigma = {
+        "i^-0.5": i**-0.5,
+        "i^-1": 1 / i,
+        "i^-2": i**-2.0,
+        "exp(-i/50)": torch.exp(-i / 50),
+        "rank 8": (i <= 8).double(),
+    }[kind]
     return (U * sigma) @ V.T
 
 
@@ -39,13 +47,17 @@ KINDS = ("gaussian", "spikes+noise", "i^-0.5", "i^-1", "i^-2", "exp(-i/50)", "ra
 def erank_accuracy(size: int = 1024, seeds: int = 5) -> None:
     """Error of the estimate (float32, as the monitor runs it) against the exact float64 effective rank."""
     g = torch.Generator().manual_seed(0)
-    print(f"| spectrum ({size}x{size}) | exact effective rank | estimate: max rel. error over {seeds} seeds | mean rel. error |")
+    print(
+        f"| spectrum ({size}x{size}) | exact effective rank | estimate: max rel. error over {seeds} seeds | mean rel. error |"
+    )
     print("|---|---|---|---|")
     for kind in KINDS:
         delta = synthetic_update(kind, size, size, g)
         exact = effective_rank(torch.linalg.svdvals(delta))
-        errors = [(estimate_effective_rank(delta.float(), generator=torch.Generator().manual_seed(s)) - exact) / exact
-                  for s in range(seeds)]
+        errors = [
+            (estimate_effective_rank(delta.float(), generator=torch.Generator().manual_seed(s)) - exact) / exact
+            for s in range(seeds)
+        ]
         print(f"| {kind} | {exact:.2f} | {max(map(abs, errors)):.2%} | {sum(errors) / seeds:+.2%} |")
 
 
@@ -63,7 +75,9 @@ def erank_costs(sizes=((1024, 1024), (2048, 2048), (4096, 4096), (4096, 11008)))
         t = time.perf_counter()
         estimate = estimate_effective_rank(delta32, generator=torch.Generator().manual_seed(0))
         t_est = time.perf_counter() - t
-        print(f"| {m}x{n} | {t_exact:.2f} s | {t_est:.2f} s | {t_exact / t_est:.1f}x | {(estimate - exact) / exact:+.3%} |")
+        print(
+            f"| {m}x{n} | {t_exact:.2f} s | {t_est:.2f} s | {t_exact / t_est:.1f}x | {(estimate - exact) / exact:+.3%} |"
+        )
 
 
 def minilm_full_finetune(lr: float = 1e-4, steps: int = 30) -> None:
@@ -94,13 +108,17 @@ def minilm_full_finetune(lr: float = 1e-4, steps: int = 30) -> None:
         report = reports[dtype] = monitor.measure(steps)
         ranks = [layer.effective_rank for layer in report.layers.values()]
         copies = sum(m.copy_bytes() for m in monitor.matrices) / 1e6
-        print(f"lr={lr} steps={steps} weight_copy_dtype={dtype}: copies {copies:.2f} MB, intruders "
-              f"{report.intruders_total_by_epsilon}, effective rank mean {report.effective_rank_mean:.2f} "
-              f"(min {min(ranks):.2f}, max {max(ranks):.2f})")
+        print(
+            f"lr={lr} steps={steps} weight_copy_dtype={dtype}: copies {copies:.2f} MB, intruders "
+            f"{report.intruders_total_by_epsilon}, effective rank mean {report.effective_rank_mean:.2f} "
+            f"(min {min(ranks):.2f}, max {max(ranks):.2f})"
+        )
     exact, estimate = reports["float32"].layers, reports["float32, estimate"].layers
     errors = [abs(estimate[n].effective_rank - exact[n].effective_rank) / exact[n].effective_rank for n in exact]
-    print(f"estimate vs exact effective rank over {len(errors)} matrices: max rel. error {max(errors):.2%}, "
-          f"mean {sum(errors) / len(errors):.2%}")
+    print(
+        f"estimate vs exact effective rank over {len(errors)} matrices: max rel. error {max(errors):.2%}, "
+        f"mean {sum(errors) / len(errors):.2%}"
+    )
 
 
 if __name__ == "__main__":

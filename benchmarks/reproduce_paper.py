@@ -38,11 +38,71 @@ TARGETS = ["query", "value"]
 LORA_LR, FULL_LR = 3e-3, 1e-4  # high enough for LoRA to grow intruders within ~100 steps
 
 # A generated task that needs attention to change: does the word "apple" come before the word "river"?
-_FILLER = (
-    "the a of and to in is was he she it they we on at for with as by from that this house car tree sky dog cat "
-    "city road book table water stone light night day man woman child bird fish green blue red old new small big "
-    "walks runs sees holds finds makes takes gives quiet loud warm cold early late"
-).split()
+_FILLER = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "he",
+    "she",
+    "it",
+    "they",
+    "we",
+    "on",
+    "at",
+    "for",
+    "with",
+    "as",
+    "by",
+    "from",
+    "that",
+    "this",
+    "house",
+    "car",
+    "tree",
+    "sky",
+    "dog",
+    "cat",
+    "city",
+    "road",
+    "book",
+    "table",
+    "water",
+    "stone",
+    "light",
+    "night",
+    "day",
+    "man",
+    "woman",
+    "child",
+    "bird",
+    "fish",
+    "green",
+    "blue",
+    "red",
+    "old",
+    "new",
+    "small",
+    "big",
+    "walks",
+    "runs",
+    "sees",
+    "holds",
+    "finds",
+    "makes",
+    "takes",
+    "gives",
+    "quiet",
+    "loud",
+    "warm",
+    "cold",
+    "early",
+    "late",
+]
 
 
 class OrderTask(Dataset):
@@ -71,10 +131,14 @@ class OrderTask(Dataset):
 def reference_batch(tokenizer, max_len: int = 20) -> dict[str, torch.Tensor]:
     """A few generic sentences, unrelated to the task, for the forgetting proxy (pretraining-like text)."""
     texts = [
-        "A man is playing a guitar on the street.", "The cat sleeps on the warm window sill.",
-        "Stock markets fell sharply after the announcement.", "She is cooking pasta for her family tonight.",
-        "The train to the city leaves at nine o'clock.", "Scientists discovered a new species of frog.",
-        "Children are playing football in the park.", "The museum opens a new exhibition next week.",
+        "A man is playing a guitar on the street.",
+        "The cat sleeps on the warm window sill.",
+        "Stock markets fell sharply after the announcement.",
+        "She is cooking pasta for her family tonight.",
+        "The train to the city leaves at nine o'clock.",
+        "Scientists discovered a new species of frog.",
+        "Children are playing football in the park.",
+        "The museum opens a new exhibition next week.",
     ]
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -124,14 +188,31 @@ def train(run: Run, train_data, eval_data, ref_batch, steps: int, every: int, ou
     if run.rank is None:  # the callback's full fine-tuning mode: the same layers, against copies of their weights
         callback = LoRASpectralCallback(mode="full", include=r"\.(" + "|".join(TARGETS) + r")$", **options)
     else:
-        config = LoraConfig(r=run.rank, lora_alpha=2 * run.rank, use_rslora=run.rslora, target_modules=TARGETS,
-                            task_type="SEQ_CLS", lora_dropout=0.0)
+        config = LoraConfig(
+            r=run.rank,
+            lora_alpha=2 * run.rank,
+            use_rslora=run.rslora,
+            target_modules=TARGETS,
+            task_type="SEQ_CLS",
+            lora_dropout=0.0,
+        )
         model = get_peft_model(model, config)
         callback = LoRASpectralCallback(forgetting_proxy=ForgettingProxy(ref_batch), **options)
     args = TrainingArguments(
-        output_dir=os.path.join(out_dir, "trainer", run.name), per_device_train_batch_size=16, learning_rate=run.lr,
-        max_steps=steps, warmup_steps=steps // 10, lr_scheduler_type="linear", weight_decay=0.0, logging_steps=steps,
-        save_strategy="no", report_to=[], seed=seed, disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
+        output_dir=os.path.join(out_dir, "trainer", run.name),
+        per_device_train_batch_size=16,
+        learning_rate=run.lr,
+        max_steps=steps,
+        warmup_steps=steps // 10,
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        logging_steps=steps,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_data, callbacks=[callback])
     trainer.train()
@@ -165,7 +246,9 @@ def plot(results: list[dict], path: str) -> None:
         steps = sorted(s["spectral/intruders_total"])
         axes[1].plot(steps, [s["spectral/intruders_total"][t] for t in steps], marker=".", label=r["name"])
     axes[2].bar([r["name"] for r in results], [r["effective_rank"] for r in results], color="tab:gray")
-    axes[0].set(xlabel="epsilon", ylabel="intruders (sum over 12 matrices, top-10 each)", title="(a) intruders vs epsilon (end)")
+    axes[0].set(
+        xlabel="epsilon", ylabel="intruders (sum over 12 matrices, top-10 each)", title="(a) intruders vs epsilon (end)"
+    )
     axes[1].set(xlabel="training step", ylabel="intruders at epsilon=0.5", title="(b) intruders over training")
     axes[2].set(ylabel="mean effective rank of dW", title="(c) effective rank of the update")
     axes[2].set_yscale("log")
@@ -192,9 +275,15 @@ def mitigate(model, eval_data, ref_batch) -> dict[str, float]:
     before = state()
     result = scale_intruders(model, lam=0.75, epsilon=0.5, which="top")
     after = state()
-    return {"acc_before": before[0], "acc_after": after[0], "intruders_before": before[1],
-            "intruders_after": after[1], "cos_before": before[2], "cos_after": after[2],
-            "directions_scaled": result.directions_scaled}
+    return {
+        "acc_before": before[0],
+        "acc_after": after[0],
+        "intruders_before": before[1],
+        "intruders_after": after[1],
+        "cos_before": before[2],
+        "cos_after": after[2],
+        "directions_scaled": result.directions_scaled,
+    }
 
 
 def main() -> None:
@@ -218,9 +307,14 @@ def main() -> None:
     ref = reference_batch(tokenizer)
     # rsLoRA's scaling alpha/sqrt(r) is 16 at r=64 (8x LoRA's 2): its lr is lowered so that it trains at all;
     # r=1 gets a higher lr to come closer to the others' accuracy in the same number of steps.
-    runs = [Run("LoRA r=1", 1, 2 * LORA_LR), Run("LoRA r=8", 8, LORA_LR), Run("LoRA r=8, low lr", 8, LORA_LR / 3),
-            Run("LoRA r=64", 64, LORA_LR), Run("rsLoRA r=64", 64, LORA_LR / 8, rslora=True),
-            Run("full FT", None, FULL_LR)]
+    runs = [
+        Run("LoRA r=1", 1, 2 * LORA_LR),
+        Run("LoRA r=8", 8, LORA_LR),
+        Run("LoRA r=8, low lr", 8, LORA_LR / 3),
+        Run("LoRA r=64", 64, LORA_LR),
+        Run("rsLoRA r=64", 64, LORA_LR / 8, rslora=True),
+        Run("full FT", None, FULL_LR),
+    ]
 
     results, mitigation = [], None
     start = time.perf_counter()
@@ -230,32 +324,43 @@ def main() -> None:
             model, acc, log_dir = train(run, train_data, eval_data, ref, steps, every, out_dir, opts.seed)
             series = read_series(log_dir)
             ranks = [last(v) for k, v in series.items() if k.startswith("spectral/effective_rank/")]
-            results.append({
-                "name": run.name, "lr": run.lr, "accuracy": acc, "series": series,
-                "effective_rank": sum(ranks) / len(ranks),
-                "cosine": last(series["spectral/forgetting/embedding_cosine"]) if run.rank else float("nan"),
-                "seconds": time.perf_counter() - t0,
-            })
+            results.append(
+                {
+                    "name": run.name,
+                    "lr": run.lr,
+                    "accuracy": acc,
+                    "series": series,
+                    "effective_rank": sum(ranks) / len(ranks),
+                    "cosine": last(series["spectral/forgetting/embedding_cosine"]) if run.rank else float("nan"),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
             print(f"{run.name}: accuracy {acc:.3f} in {results[-1]['seconds']:.0f} s", flush=True)
             if run.name == "LoRA r=8":
                 mitigation = mitigate(model, eval_data, ref)
     plot(results, opts.plot)
 
     eps = sorted(EPSILONS)
-    print(f"\nall-MiniLM-L6-v2, query+value, {steps} steps x batch 16, max_len 20; top-10, intruders summed over 12 matrices\n")
+    print(
+        f"\nall-MiniLM-L6-v2, query+value, {steps} steps x batch 16, max_len 20; top-10, intruders summed over 12 matrices\n"
+    )
     print("| run | lr | accuracy | " + " | ".join(f"ε={e:g}" for e in eps) + " | eff. rank ΔW | emb. cosine | s |")
     print("|---" * (len(eps) + 6) + "|")
     for r in results:
         counts = " | ".join(str(int(last(r["series"][f"spectral/intruders_total/eps_{e:g}"]))) for e in eps)
         cosine = "n/a" if math.isnan(r["cosine"]) else f"{r['cosine']:.3f}"
-        print(f"| {r['name']} | {r['lr']:g} | {r['accuracy']:.3f} | {counts} | {r['effective_rank']:.1f} | "
-              f"{cosine} | {r['seconds']:.0f} |")
+        print(
+            f"| {r['name']} | {r['lr']:g} | {r['accuracy']:.3f} | {counts} | {r['effective_rank']:.1f} | "
+            f"{cosine} | {r['seconds']:.0f} |"
+        )
     if mitigation:
         m = mitigation
-        print(f"\nMitigation on LoRA r=8 (scale_intruders, λ=0.75, ε=0.5, top intruder per matrix, "
-              f"{m['directions_scaled']} directions): accuracy {m['acc_before']:.3f} → {m['acc_after']:.3f}, "
-              f"intruders {m['intruders_before']} → {m['intruders_after']}, "
-              f"embedding cosine to base {m['cos_before']:.4f} → {m['cos_after']:.4f}")
+        print(
+            f"\nMitigation on LoRA r=8 (scale_intruders, λ=0.75, ε=0.5, top intruder per matrix, "
+            f"{m['directions_scaled']} directions): accuracy {m['acc_before']:.3f} → {m['acc_after']:.3f}, "
+            f"intruders {m['intruders_before']} → {m['intruders_after']}, "
+            f"embedding cosine to base {m['cos_before']:.4f} → {m['cos_after']:.4f}"
+        )
     print(f"\nplot: {opts.plot}; total {time.perf_counter() - start:.0f} s")
 
 

@@ -58,18 +58,32 @@ def main() -> None:
         LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"),
     )
     callback = LoRASpectralCallback(
-        every_n_steps=20, epsilon=[0.5, 0.3], image_every_n_measurements=2, image_layers=4,
-        log_dir=f"{args.output_dir}/runs/spectral", progress=False,
+        every_n_steps=20,
+        epsilon=[0.5, 0.3],
+        image_every_n_measurements=2,
+        image_layers=4,
+        log_dir=f"{args.output_dir}/runs/spectral",
+        progress=False,
     )
     training = TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.steps, learning_rate=args.lr, per_device_train_batch_size=32,
-        logging_steps=10, save_strategy="no", report_to=["tensorboard"], use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        per_device_train_batch_size=32,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=["tensorboard"],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     train = Sentences(AutoTokenizer.from_pretrained(path), 2048)
     Trainer(model=model, args=training, train_dataset=train, callbacks=[callback]).train()
     model.save_pretrained(f"{args.output_dir}/adapter")
-    print(f"intruders: {callback.last_report.intruders_total_by_epsilon}; logs in {args.output_dir}/runs; "
-          f"adapter in {args.output_dir}/adapter; base model in {path}")
+    print(
+        f"intruders: {callback.last_report.intruders_total_by_epsilon}; logs in {args.output_dir}/runs; "
+        f"adapter in {args.output_dir}/adapter; base model in {path}"
+    )
 
 
 if __name__ == "__main__":

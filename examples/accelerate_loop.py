@@ -112,9 +112,13 @@ def main() -> None:
     parser.add_argument("--log-dir", default="runs/accelerate_spectral")
     parser.add_argument("--cpu", action="store_true", help="train on CPU (several processes: gloo, under torchrun)")
     args = parser.parse_args()
-    reports, step = train(minilm_lora_classifier(), args.steps, args.every, args.lr, args.max_intruders, args.log_dir, args.cpu)
+    reports, step = train(
+        minilm_lora_classifier(), args.steps, args.every, args.lr, args.max_intruders, args.log_dir, args.cpu
+    )
     for report in reports:
-        print(f"step {report.step}: {report.intruders_total} intruders, mean effective rank {report.effective_rank_mean:.2f}")
+        print(
+            f"step {report.step}: {report.intruders_total} intruders, mean effective rank {report.effective_rank_mean:.2f}"
+        )
     from accelerate import PartialState
 
     state = PartialState()

@@ -37,8 +37,10 @@ def make_sentences(n: int, seed: int = 0) -> list[tuple[str, int]]:
 
 class SentenceDataset(Dataset):
     def __init__(self, tokenizer, sentences: list[tuple[str, int]], max_length: int = 16) -> None:
-        texts, labels = zip(*sentences)
-        self.encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        texts, labels = zip(*sentences, strict=True)
+        self.encoded = tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        )
         self.labels = torch.tensor(labels)
 
     def __len__(self) -> int:
@@ -87,11 +89,18 @@ def main(argv: list[str] | None = None):
 
     from transformers import Trainer, TrainingArguments
 
-    model, tokenizer, train, test, callback = build(args)
+    model, _tokenizer, train, test, callback = build(args)
     training_args = TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.steps, learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
-        logging_steps=args.every, save_strategy="no", report_to=["tensorboard"], use_cpu=not torch.cuda.is_available(),
-        seed=args.seed, disable_tqdm=True,
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        per_device_train_batch_size=args.batch_size,
+        logging_steps=args.every,
+        save_strategy="no",
+        report_to=["tensorboard"],
+        use_cpu=not torch.cuda.is_available(),
+        seed=args.seed,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train, callbacks=[callback])
     trainer.train()
@@ -100,8 +109,10 @@ def main(argv: list[str] | None = None):
     accuracy = float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())
     report = callback.last_report
     print(f"\ntest accuracy: {accuracy:.3f}")
-    print(f"intruders at step {report.step}: {report.intruders_total_by_epsilon} (epsilon: count), "
-          f"mean effective rank of the update: {report.effective_rank_mean:.2f}")
+    print(
+        f"intruders at step {report.step}: {report.intruders_total_by_epsilon} (epsilon: count), "
+        f"mean effective rank of the update: {report.effective_rank_mean:.2f}"
+    )
     for name, n in report.offenders(limit=5):
         print(f"  {name}: {n}")
     log_root = os.path.dirname(callback.resolved_log_dir)

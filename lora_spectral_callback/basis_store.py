@@ -16,6 +16,7 @@ rename) so concurrent runs sharing a cache never read a half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -74,7 +75,9 @@ class BasisStore:
             return U0.to(self.device, self.dtype), S
         from safetensors import safe_open
 
-        path = os.path.join(self.cache_dir, f"{weight_fingerprint(W0)}-{str(self.dtype).removeprefix('torch.')}.safetensors")
+        path = os.path.join(
+            self.cache_dir, f"{weight_fingerprint(W0)}-{str(self.dtype).removeprefix('torch.')}.safetensors"
+        )
         stored: set[str] = set()
         if os.path.exists(path):
             with safe_open(path, "pt") as f:
@@ -98,10 +101,8 @@ class BasisStore:
         os.close(fd)
         _save_atomically({_WEIGHT_KEY: W.detach().to("cpu")}, path)
         copy = _memory_map(path, _WEIGHT_KEY)
-        try:
+        with contextlib.suppress(OSError):
             os.remove(path)
-        except OSError:
-            pass
         return copy
 
     def _compute(self, W0: Tensor) -> tuple[Tensor, Tensor]:

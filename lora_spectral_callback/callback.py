@@ -13,8 +13,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .alerts import Alert, IntruderThreshold
 from .background import BackgroundMeasurer
 from .distributed import any_rank
-from .full_finetune import load_baseline, save_baseline
 from .figures import figure_layers, require_matplotlib
+from .full_finetune import load_baseline, save_baseline
 from .monitor import SpectralConfig, SpectralMonitor
 from .report import SpectralReport
 from .writers import MetricWriter, TensorBoardWriter, headline_metrics
@@ -97,7 +97,9 @@ class LoRASpectralCallback(TrainerCallback):
             raise ValueError(f"on_alert={on_alert!r} is invalid: must be a callable taking a SpectralReport")
         if image_every_n_measurements is not None:
             if not isinstance(image_every_n_measurements, int) or image_every_n_measurements <= 0:
-                raise ValueError(f"image_every_n_measurements={image_every_n_measurements!r} is invalid: must be None or an integer >= 1")
+                raise ValueError(
+                    f"image_every_n_measurements={image_every_n_measurements!r} is invalid: must be None or an integer >= 1"
+                )
             require_matplotlib("image_every_n_measurements")
         self.every_n_steps = every_n_steps
         self.image_every_n_measurements = image_every_n_measurements
@@ -149,7 +151,9 @@ class LoRASpectralCallback(TrainerCallback):
                 # The directory name is fixed, so a run continues the series: events an earlier run wrote after
                 # the last measurement this run restored (it went past the checkpoint; or all of them, for a new
                 # run in the same directory) are purged so no step repeats or goes backwards.
-                writer = self._guarded("TensorBoard open", lambda: TensorBoardWriter(log_dir, self.last_measured_step + 1))
+                writer = self._guarded(
+                    "TensorBoard open", lambda: TensorBoardWriter(log_dir, self.last_measured_step + 1)
+                )
                 self.writer = None if writer is _FAILED else writer
                 self._write_failures = 0
                 if self.writer is not None:
@@ -165,7 +169,9 @@ class LoRASpectralCallback(TrainerCallback):
             self._measure_and_act(args, state, control)
         if self._stop_requested:  # applied here: the Trainer only honours a stop (and its save) after a step
             self._stop_requested = False
-            logger.warning("lora-spectral-callback: saving a checkpoint and stopping training at step %s", state.global_step)
+            logger.warning(
+                "lora-spectral-callback: saving a checkpoint and stopping training at step %s", state.global_step
+            )
             control.should_save = True
             control.should_training_stop = True
 
@@ -254,7 +260,8 @@ class LoRASpectralCallback(TrainerCallback):
         if self._write_failures >= _MAX_WRITE_FAILURES:
             logger.warning(
                 "lora-spectral-callback: TensorBoard writing disabled after %d consecutive failures; measurements "
-                "continue in the Trainer's log history", self._write_failures,
+                "continue in the Trainer's log history",
+                self._write_failures,
             )
             self._guarded("TensorBoard close", self.writer.close)
             self.writer = None
@@ -265,7 +272,10 @@ class LoRASpectralCallback(TrainerCallback):
         self._measurements += 1
         if due and self.writer is not None:
             names = figure_layers(report, self.image_layers)
-            self._guarded("TensorBoard pictures", lambda: self.writer.write_figures(report, self.monitor.spectra(names), report.step))
+            self._guarded(
+                "TensorBoard pictures",
+                lambda: self.writer.write_figures(report, self.monitor.spectra(names), report.step),
+            )
 
     def _adapt_to_sharding(self) -> None:
         """With sharded weights every measurement is a collective run in step with training on all ranks, so the

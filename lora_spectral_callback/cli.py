@@ -55,20 +55,38 @@ def _positive_int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-spectral", description="Intruder dimensions of a fine-tune (arXiv 2410.21228).")
+    parser = argparse.ArgumentParser(
+        prog="lora-spectral", description="Intruder dimensions of a fine-tune (arXiv 2410.21228)."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("analyze", help="measure an adapter or a fine-tuned model against its base model")
     p.add_argument("base", metavar="BASE_DIR", help="saved pretrained model (save_pretrained directory)")
     p.add_argument("adapter", metavar="ADAPTER_DIR", nargs="?", help="saved PEFT LoRA adapter directory")
     p.add_argument("--finetuned", metavar="DIR", help="compare a fully fine-tuned model instead of an adapter")
-    p.add_argument("--json", action="store_true", help="print the report as JSON (SpectralReport.to_dict()) instead of a table")
-    p.add_argument("--tensorboard", metavar="DIR", help="also write the callback's TensorBoard tags and pictures to DIR")
-    p.add_argument("--top-k", type=_positive_int, default=10, help="top singular vectors examined per matrix (default 10)")
-    p.add_argument("--epsilon", type=_epsilons, action="append", metavar="E[,E...]",
-                   help="intruder threshold(s) on max |cos|, repeatable; the first is primary (default 0.5)")
+    p.add_argument(
+        "--json", action="store_true", help="print the report as JSON (SpectralReport.to_dict()) instead of a table"
+    )
+    p.add_argument(
+        "--tensorboard", metavar="DIR", help="also write the callback's TensorBoard tags and pictures to DIR"
+    )
+    p.add_argument(
+        "--top-k", type=_positive_int, default=10, help="top singular vectors examined per matrix (default 10)"
+    )
+    p.add_argument(
+        "--epsilon",
+        type=_epsilons,
+        action="append",
+        metavar="E[,E...]",
+        help="intruder threshold(s) on max |cos|, repeatable; the first is primary (default 0.5)",
+    )
     p.add_argument("--include", metavar="REGEX", help="only layers whose name matches this regular expression")
-    p.add_argument("--image-layers", type=int, default=16, metavar="N",
-                   help="per-layer pictures for the N layers with most intruders with --tensorboard (0: none, -1: all; default 16)")
+    p.add_argument(
+        "--image-layers",
+        type=int,
+        default=16,
+        metavar="N",
+        help="per-layer pictures for the N layers with most intruders with --tensorboard (0: none, -1: all; default 16)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
@@ -117,7 +135,9 @@ def _analyze_adapter(args: argparse.Namespace, epsilons: list[float]) -> Analysi
     _require_dir(args.adapter, "adapter", "adapter_config.json")
     model = _load_adapter(args.base, args.adapter)
     try:
-        monitor = SpectralMonitor(model, top_k=args.top_k, epsilon=epsilons, include=args.include, progress=not args.no_progress)
+        monitor = SpectralMonitor(
+            model, top_k=args.top_k, epsilon=epsilons, include=args.include, progress=not args.no_progress
+        )
     except ValueError as err:
         raise CLIError(_one_line(err)) from None
     monitor.snapshot()
@@ -151,7 +171,9 @@ def _analyze_finetuned(args: argparse.Namespace, epsilons: list[float]) -> Analy
     return report, lambda names: monitor.spectra(names)
 
 
-def _write_tensorboard(args: argparse.Namespace, report: SpectralReport, spectra_for: Callable[[list[str]], dict[str, LayerSpectra]]) -> None:
+def _write_tensorboard(
+    args: argparse.Namespace, report: SpectralReport, spectra_for: Callable[[list[str]], dict[str, LayerSpectra]]
+) -> None:
     from .figures import figure_layers
     from .writers import TensorBoardWriter
 
@@ -172,7 +194,11 @@ def format_table(report: SpectralReport) -> str:
     eps = list(report.intruders_total_by_epsilon)
     names = list(report.layers)
     width = max([len("layer")] + [len(n) for n in names])
-    head = f"{'layer':<{width}}  " + "  ".join(f"{'intr@' + e:>9}" for e in eps) + f"  {'min max|cos|':>12}  {'eff.rank':>8}  {'top σ':>9}"
+    head = (
+        f"{'layer':<{width}}  "
+        + "  ".join(f"{'intr@' + e:>9}" for e in eps)
+        + f"  {'min max|cos|':>12}  {'eff.rank':>8}  {'top σ':>9}"
+    )
     lines = [head, "-" * len(head)]
     for name in names:
         layer = report.layers[name]
@@ -237,8 +263,10 @@ def _load_adapter(base_dir: str, adapter_dir: str):
     if isinstance(targets, (list, set, tuple)):  # a str is a regex: PEFT's own error covers it
         names = [name for name, _ in base.named_modules()]
         if not any(n == t or n.endswith("." + t) for t in targets for n in names):
-            raise CLIError(f"none of the adapter's target modules {sorted(targets)} is in base model {base_dir!r} "
-                           f"({type(base).__name__}): base/adapter mismatch")
+            raise CLIError(
+                f"none of the adapter's target modules {sorted(targets)} is in base model {base_dir!r} "
+                f"({type(base).__name__}): base/adapter mismatch"
+            )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -62,7 +62,9 @@ def _natural_key(text: str) -> list:
 
 def figure_layers(report: SpectralReport, limit: int | None) -> list[str]:
     """The layers worth a picture: most intruders first, then the lowest min max|cos| (closest to intruding)."""
-    ranked = sorted(report.layers, key=lambda n: (-report.layers[n].intruders, min(report.layers[n].max_cos, default=1.0)))
+    ranked = sorted(
+        report.layers, key=lambda n: (-report.layers[n].intruders, min(report.layers[n].max_cos, default=1.0))
+    )
     return ranked if limit is None or limit < 0 else ranked[:limit]
 
 
@@ -76,13 +78,18 @@ def summary_markdown(report: SpectralReport, limit: int = 5) -> str:
         f"{len(offenders)}/{len(report.layers)} layers; mean effective rank of ΔW {report.effective_rank_mean:.2f}.",
     ]
     if report.errors:
-        lines.append(f"Skipped {len(report.errors)} layer(s): " + "; ".join(f"{n}: {e}" for n, e in list(report.errors.items())[:3]))
+        lines.append(
+            f"Skipped {len(report.errors)} layer(s): "
+            + "; ".join(f"{n}: {e}" for n, e in list(report.errors.items())[:3])
+        )
     top = figure_layers(report, limit)
     if top:
         lines += ["", "| layer | intruders | min max\\|cos\\| | effective rank |", "|---|---:|---:|---:|"]
         for name in top:
             layer = report.layers[name]
-            lines.append(f"| {name} | {layer.intruders} | {min(layer.max_cos, default=float('nan')):.3f} | {layer.effective_rank:.2f} |")
+            lines.append(
+                f"| {name} | {layer.intruders} | {min(layer.max_cos, default=float('nan')):.3f} | {layer.effective_rank:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -108,7 +115,7 @@ def cosine_heatmap(name: str, layer: LayerReport, spectra: LayerSpectra, epsilon
     bottom.set_yticks([0], ["max (all)"])
     bottom.set_xticks(range(k), [str(i) for i in range(k)])
     bottom.set_xlabel("merged top-k singular vector")
-    for tick, value in zip(bottom.get_xticklabels(), layer.max_cos):
+    for tick, value in zip(bottom.get_xticklabels(), layer.max_cos, strict=True):
         if value < epsilon:
             tick.set_color("red")
             tick.set_fontweight("bold")
@@ -133,7 +140,15 @@ def intruder_grid(report: SpectralReport) -> Figure:
     image = ax.imshow(counts, cmap="Reds", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
     for (i, j), value in np.ndenumerate(counts):
         if np.isfinite(value):
-            ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=8, color="white" if value > vmax / 2 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(value)}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if value > vmax / 2 else "black",
+            )
     ax.set_xticks(range(len(cols)), [c or "-" for c in cols], rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), [r[len(prefix) :] or r for r in rows], fontsize=8)
     ax.set_ylabel(prefix.rstrip(".") or "layer")

@@ -84,7 +84,9 @@ class ForgettingProxy:
     def _compare(self, now: dict[str, Tensor | float]) -> dict[str, float]:
         metrics = {}
         if "embedding" in now:
-            cos = torch.nn.functional.cosine_similarity(now["embedding"], self._base["embedding"].to(now["embedding"].device), dim=-1)
+            cos = torch.nn.functional.cosine_similarity(
+                now["embedding"], self._base["embedding"].to(now["embedding"].device), dim=-1
+            )
             metrics["spectral/forgetting/embedding_cosine"] = float(cos.mean())
         if "loss" in now:
             metrics["spectral/forgetting/loss"] = now["loss"]
@@ -95,5 +97,7 @@ class ForgettingProxy:
 def _base_model(model: nn.Module) -> contextlib.AbstractContextManager:
     """PEFT's ``disable_adapter()`` context: the forward pass of the frozen base model, without a copy."""
     if not hasattr(model, "disable_adapter"):
-        raise TypeError("ForgettingProxy needs a PEFT model (with disable_adapter()) to compute the base model's outputs")
+        raise TypeError(
+            "ForgettingProxy needs a PEFT model (with disable_adapter()) to compute the base model's outputs"
+        )
     return model.disable_adapter()

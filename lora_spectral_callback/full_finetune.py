@@ -38,9 +38,11 @@ def weight_matrix(module: nn.Module) -> Tensor:
 
 def _is_dense_layer(module: nn.Module) -> bool:
     kinds = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
-    return (isinstance(module, kinds) or type(module).__name__ == "Conv1D") and isinstance(
-        getattr(module, "weight", None), torch.Tensor
-    ) and module.weight.is_floating_point()
+    return (
+        (isinstance(module, kinds) or type(module).__name__ == "Conv1D")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.is_floating_point()
+    )
 
 
 Keep = Callable[[Tensor], Tensor]  # where a copy is kept, e.g. BasisStore.disk_copy (the copy -> its stored form)
@@ -58,7 +60,7 @@ class DenseMatrix:
     @classmethod
     def snapshot_of(
         cls, name: str, module: nn.Module, dtype: torch.dtype, device: str | torch.device, keep: Keep | None = None
-    ) -> "DenseMatrix":
+    ) -> DenseMatrix:
         with torch.no_grad():
             copy = weight_matrix(module).detach().to(device=device, dtype=dtype, copy=True).contiguous()
         return cls(name, module, copy if keep is None else keep(copy))
@@ -71,7 +73,7 @@ class DenseMatrix:
         return weight_matrix(self.module).detach() if self.frozen is None else self.frozen
 
     @torch.no_grad()
-    def capture(self) -> "DenseMatrix":
+    def capture(self) -> DenseMatrix:
         """This layer as it is now, for measuring later (asynchronous mode): a full fine-tune trains the weight
         itself, so unlike LoRA's small factors the whole current weight is copied (its size, once per capture)."""
         current = self.current_weight()
@@ -108,10 +110,15 @@ def find_dense_matrices(
     """Every ``Linear``/``Conv1D``/``Embedding``/conv layer whose module path matches ``include`` and not
     ``exclude``, with a copy of its current (pretrained) weight taken now (and handed to ``keep`` one at a time,
     so spilling to disk never holds more than one extra copy in memory)."""
-    return [DenseMatrix.snapshot_of(name, module, dtype, device, keep) for name, module in dense_layers(model, include, exclude)]
+    return [
+        DenseMatrix.snapshot_of(name, module, dtype, device, keep)
+        for name, module in dense_layers(model, include, exclude)
+    ]
 
 
-def dense_layers(model: nn.Module, include: str | None = None, exclude: str | None = None) -> list[tuple[str, nn.Module]]:
+def dense_layers(
+    model: nn.Module, include: str | None = None, exclude: str | None = None
+) -> list[tuple[str, nn.Module]]:
     """``(module path, module)`` of every plain layer full mode can monitor, filtered by the regexes; reads no
     weight (so it never gathers a shard)."""
     return [(name, m) for name, m in model.named_modules() if _is_dense_layer(m) and selected(name, include, exclude)]

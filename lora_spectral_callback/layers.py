@@ -34,7 +34,12 @@ from .sharding import full, logical_shape, module_is_sharded
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MonitoredMatrix", "CapturedMatrix", "find_lora_matrices", "has_peft_layers", "describe_skipped", "readable_name",
+    "MonitoredMatrix",
+    "CapturedMatrix",
+    "find_lora_matrices",
+    "has_peft_layers",
+    "describe_skipped",
+    "readable_name",
     "selected",
 ]
 
@@ -166,7 +171,9 @@ class CapturedMatrix:
         return merged_operator(W0, self.update_factors(W0.dtype, W0.device), self.magnitude)
 
 
-def stack_factors(weights: list[tuple[Tensor, Tensor, float]], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor] | None:
+def stack_factors(
+    weights: list[tuple[Tensor, Tensor, float]], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor] | None:
     """``(B, A)`` with ``B @ A = sum_a s_a B_a A_a``: adapters stacked side by side, scaling folded into B."""
     if not weights:
         return None
@@ -175,7 +182,9 @@ def stack_factors(weights: list[tuple[Tensor, Tensor, float]], dtype: torch.dtyp
     return B, A
 
 
-def merged_operator(W0: Tensor, factors: tuple[Tensor, Tensor] | None, magnitude: Tensor | None) -> LowRankUpdatedMatrix:
+def merged_operator(
+    W0: Tensor, factors: tuple[Tensor, Tensor] | None, magnitude: Tensor | None
+) -> LowRankUpdatedMatrix:
     """``W0 + B A`` as an operator, with DoRA's row rescaling when ``magnitude`` is given.
 
     DoRA (Liu et al. 2024) rescales each output row: ``m * (W0 + dW) / ||W0 + dW||_row``; the row norms are
@@ -215,7 +224,9 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         return f"base weight {type(weight).__name__}"
     is_conv = isinstance(module, _ConvNd)
     # PEFT's bitsandbytes/HQQ/... layers are LoraLayers with lora_A/lora_B like lora.Linear but other classes.
-    if not (isinstance(module, (Linear, Embedding)) or is_conv or isinstance(getattr(module, "lora_A", None), nn.ModuleDict)):
+    if not (
+        isinstance(module, (Linear, Embedding)) or is_conv or isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+    ):
         return f"layer type {type(module).__name__}"
     if is_conv and base.groups != 1:
         return "grouped convolution (PEFT cannot merge it either)"

@@ -15,8 +15,8 @@ angle to the true singular vector by that residual over the spectral gap.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -43,7 +43,9 @@ class LowRankUpdatedMatrix:
         if (self.B is None) != (self.A is None):
             raise ValueError("B and A must both be given or both be None")
         if self.B is not None and (self.B.shape[0] != self.W0.shape[0] or self.A.shape[1] != self.W0.shape[1]):
-            raise ValueError(f"B {tuple(self.B.shape)} @ A {tuple(self.A.shape)} does not match W0 {tuple(self.W0.shape)}")
+            raise ValueError(
+                f"B {tuple(self.B.shape)} @ A {tuple(self.A.shape)} does not match W0 {tuple(self.W0.shape)}"
+            )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -89,7 +91,9 @@ def exact_top_singular_triplets(M: LowRankUpdatedMatrix, k: int) -> TopSVD:
     U, S, Vh = torch.linalg.svd(M.dense().double(), full_matrices=False)
     k = min(k, S.numel())
     dtype = M.W0.dtype
-    return TopSVD(U[:, :k].to(dtype), S[:k].to(dtype), Vh[:k].T.to(dtype), torch.zeros(k, dtype=dtype, device=S.device), 0, True)
+    return TopSVD(
+        U[:, :k].to(dtype), S[:k].to(dtype), Vh[:k].T.to(dtype), torch.zeros(k, dtype=dtype, device=S.device), 0, True
+    )
 
 
 def _orthonormal_basis(X: Tensor) -> Tensor:

@@ -91,7 +91,11 @@ def low_rank_singular_values(B: Tensor, A: Tensor) -> Tensor:
 
 
 def estimate_effective_rank(
-    delta: Tensor, probes: int = 16, steps: int = 64, deflate: int = 128, power_iters: int = 4,
+    delta: Tensor,
+    probes: int = 16,
+    steps: int = 64,
+    deflate: int = 128,
+    power_iters: int = 4,
     generator: torch.Generator | None = None,
 ) -> float:
     """Roy & Vetterli's effective rank of a dense (full-rank) matrix without its full SVD.

@@ -98,8 +98,10 @@ def scale_intruders(
     if monitor is None:
         monitor = SpectralMonitor(model, top_k=top_k, epsilon=epsilon, **{**_MITIGATION_OPTIONS, **monitor_options})
     if monitor.sharded:
-        raise ValueError("scale_intruders works on an unsharded model: gather it first (FSDP2 / ZeRO-3 shards are "
-                         "not supported here), e.g. on the saved adapter after training")
+        raise ValueError(
+            "scale_intruders works on an unsharded model: gather it first (FSDP2 / ZeRO-3 shards are "
+            "not supported here), e.g. on the saved adapter after training"
+        )
     if any(m.is_dora() for m in monitor.matrices):
         raise ValueError("scale_intruders does not support DoRA: its row rescaling is not a low-rank update")
     monitor.snapshot()
@@ -116,7 +118,9 @@ def scale_intruders(
             B, A, result.truncation_error[matrix.name] = _truncate(B, A, matrix.module.r[adapter])
         new_factors[matrix.name] = (B, A)
 
-    model.add_adapter(new_adapter_name, _adapter_config(model.peft_config[adapter], monitor.matrices, adapter, new_factors))
+    model.add_adapter(
+        new_adapter_name, _adapter_config(model.peft_config[adapter], monitor.matrices, adapter, new_factors)
+    )
     with torch.no_grad():
         _copy_unmonitored(model, adapter, new_adapter_name, {m.module for m in monitor.matrices})
         for matrix in monitor.matrices:
@@ -173,7 +177,9 @@ def _copy_unmonitored(model: nn.Module, adapter: str, new: str, monitored: set[n
                 target.data = source.detach().clone()
 
 
-def _adapter_config(config: Any, matrices: list[MonitoredMatrix], adapter: str, factors: dict[str, tuple[Tensor, Tensor]]):
+def _adapter_config(
+    config: Any, matrices: list[MonitoredMatrix], adapter: str, factors: dict[str, tuple[Tensor, Tensor]]
+):
     """The old adapter's config with a per-layer rank (r + n) and an alpha that keeps each layer's scaling.
 
     PEFT's scaling is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); solving for alpha at the new rank keeps

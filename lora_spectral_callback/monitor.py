@@ -81,27 +81,50 @@ class SpectralConfig:
     epsilons: tuple[float, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        eps = tuple(self.epsilon) if isinstance(self.epsilon, Iterable) and not isinstance(self.epsilon, str) else (self.epsilon,)
+        eps = (
+            tuple(self.epsilon)
+            if isinstance(self.epsilon, Iterable) and not isinstance(self.epsilon, str)
+            else (self.epsilon,)
+        )
         numbers = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in eps)
         object.__setattr__(self, "epsilons", tuple(float(e) for e in eps) if numbers else ())
         _require(_is_int(self.top_k) and self.top_k > 0, "top_k", self.top_k, "an integer >= 1")
         _require(
             len(self.epsilons) > 0 and all(0 < e < 1 for e in self.epsilons),
-            "epsilon", self.epsilon, "a number or list of numbers strictly between 0 and 1",
+            "epsilon",
+            self.epsilon,
+            "a number or list of numbers strictly between 0 and 1",
         )
         for name in ("compute_dtype", "basis_dtype"):
             allowed = ("float32", "float64") if name == "compute_dtype" else tuple(_DTYPES)
             _require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {allowed}")
         _require(self.mode in ("auto", "lora", "full"), "mode", self.mode, "one of ('auto', 'lora', 'full')")
-        _require(self.effective_rank_method in ("exact", "estimate"), "effective_rank_method",
-                 self.effective_rank_method, "one of ('exact', 'estimate')")
-        _require(self.weight_copy_dtype in _DTYPES, "weight_copy_dtype", self.weight_copy_dtype, f"one of {tuple(_DTYPES)}")
-        _require(_is_int(self.exact_below) and self.exact_below >= 0, "exact_below", self.exact_below, "an integer >= 0")
+        _require(
+            self.effective_rank_method in ("exact", "estimate"),
+            "effective_rank_method",
+            self.effective_rank_method,
+            "one of ('exact', 'estimate')",
+        )
+        _require(
+            self.weight_copy_dtype in _DTYPES, "weight_copy_dtype", self.weight_copy_dtype, f"one of {tuple(_DTYPES)}"
+        )
+        _require(
+            _is_int(self.exact_below) and self.exact_below >= 0, "exact_below", self.exact_below, "an integer >= 0"
+        )
         _require(_is_int(self.oversample) and self.oversample >= 0, "oversample", self.oversample, "an integer >= 0")
-        _require(isinstance(self.tol, (int, float)) and 0 < self.tol < 1, "tol", self.tol, "a number strictly between 0 and 1")
+        _require(
+            isinstance(self.tol, (int, float)) and 0 < self.tol < 1,
+            "tol",
+            self.tol,
+            "a number strictly between 0 and 1",
+        )
         _require(_is_int(self.max_iter) and self.max_iter >= 1, "max_iter", self.max_iter, "an integer >= 1")
-        _require(self.basis_device == "disk" or _is_device(self.basis_device), "basis_device", self.basis_device,
-                 '"disk" or a torch device such as "cpu" or "cuda"')
+        _require(
+            self.basis_device == "disk" or _is_device(self.basis_device),
+            "basis_device",
+            self.basis_device,
+            '"disk" or a torch device such as "cpu" or "cuda"',
+        )
         for name in ("include", "exclude"):
             pattern = getattr(self, name)
             if pattern is not None:
@@ -160,13 +183,19 @@ class SpectralMonitor:
             )
             copied = sum(m.copy_bytes() for m in self.matrices)
             log = logger.warning if cfg.mode == "auto" else logger.info  # say so loudly if it was not asked for
-            log("lora-spectral-callback: %sfull fine-tuning mode: %d matrices, %.1f MB of pretrained weight copies%s",
-                "no LoRA layer found, " if cfg.mode == "auto" else "", len(self.matrices), copied / 1e6,
-                ", memory-mapped from disk" if self._store.on_disk else "")
+            log(
+                "lora-spectral-callback: %sfull fine-tuning mode: %d matrices, %.1f MB of pretrained weight copies%s",
+                "no LoRA layer found, " if cfg.mode == "auto" else "",
+                len(self.matrices),
+                copied / 1e6,
+                ", memory-mapped from disk" if self._store.on_disk else "",
+            )
         else:
             self.matrices, skipped = find_lora_matrices(model, cfg.include, cfg.exclude)
             if skipped:
-                logger.warning("lora-spectral-callback cannot measure these LoRA layers yet: %s", describe_skipped(skipped))
+                logger.warning(
+                    "lora-spectral-callback cannot measure these LoRA layers yet: %s", describe_skipped(skipped)
+                )
         if not self.matrices:
             raise ValueError(_nothing_to_monitor(model, self.mode, cfg.include, cfg.exclude))
         self._basis: dict[str, Tensor] = {}
@@ -227,7 +256,10 @@ class SpectralMonitor:
             if isinstance(err, _NonFinite):
                 self._snapshot_errors[matrix.name] = (_NonFinite, str(err))
             else:
-                self._snapshot_errors[matrix.name] = (RuntimeError, f"pretrained snapshot failed: {type(err).__name__}: {err}")
+                self._snapshot_errors[matrix.name] = (
+                    RuntimeError,
+                    f"pretrained snapshot failed: {type(err).__name__}: {err}",
+                )
 
     def basis_bytes(self) -> int:
         """Memory held for the pretrained bases (0 when memory-mapped from disk: only droppable page cache)."""
@@ -283,7 +315,10 @@ class SpectralMonitor:
             del item
 
     def _measure(
-        self, step: int | None, matrices: Iterable[MonitoredMatrix | CapturedMatrix | DenseMatrix], snapshot_each: bool = False
+        self,
+        step: int | None,
+        matrices: Iterable[MonitoredMatrix | CapturedMatrix | DenseMatrix],
+        snapshot_each: bool = False,
     ) -> SpectralReport:
         start = time.perf_counter()
         layers: dict[str, LayerReport] = {}
@@ -310,7 +345,11 @@ class SpectralMonitor:
                 if self.config.strict:
                     raise
                 errors[matrix.name] = f"{type(err).__name__}: {err}"
-                self._log_once(matrix.name, type(err).__name__, f"skipping {matrix.name} in this measurement: {errors[matrix.name]}")
+                self._log_once(
+                    matrix.name,
+                    type(err).__name__,
+                    f"skipping {matrix.name} in this measurement: {errors[matrix.name]}",
+                )
             del matrix  # a gathered copy goes before the next one is gathered
         return SpectralReport.from_layers(
             step, list(self.config.epsilons), layers, errors, nonfinite, time.perf_counter() - start
@@ -336,7 +375,9 @@ class SpectralMonitor:
             seconds=time.perf_counter() - t0,
         )
 
-    def _update_effective_rank(self, matrix: MonitoredMatrix | CapturedMatrix | DenseMatrix, device: torch.device) -> float:
+    def _update_effective_rank(
+        self, matrix: MonitoredMatrix | CapturedMatrix | DenseMatrix, device: torch.device
+    ) -> float:
         """Effective rank of the update: exact for LoRA (an r x r SVD); for a full fine-tune's dense update an
         exact float64 ``svdvals``, or the stochastic Lanczos estimate when ``effective_rank_method="estimate"``."""
         if isinstance(matrix, DenseMatrix) and self.config.effective_rank_method == "estimate":
@@ -353,7 +394,9 @@ class SpectralMonitor:
         basis = self._basis[matrix.name]
         W0 = matrix.base_weight().detach()
         if W0.shape != self._shapes[matrix.name]:
-            raise ValueError(f"weight shape {tuple(W0.shape)} no longer matches the snapshot {tuple(self._shapes[matrix.name])}")
+            raise ValueError(
+                f"weight shape {tuple(W0.shape)} no longer matches the snapshot {tuple(self._shapes[matrix.name])}"
+            )
         W0 = W0.to(self.compute_dtype)
         if not torch.isfinite(W0).all():
             raise _NonFinite("base weight contains NaN or Inf")
@@ -381,8 +424,14 @@ class SpectralMonitor:
             if start is None or start.shape[0] != op.shape[0]:
                 start = basis[:, : cfg.top_k + cfg.oversample].to(W0.device, W0.dtype)
             svd = top_singular_triplets(
-                op, cfg.top_k, start, oversample=cfg.oversample, tol=cfg.tol, max_iter=cfg.max_iter,
-                needed_accuracy=margin, generator=self._generator(W0.device),
+                op,
+                cfg.top_k,
+                start,
+                oversample=cfg.oversample,
+                tol=cfg.tol,
+                max_iter=cfg.max_iter,
+                needed_accuracy=margin,
+                generator=self._generator(W0.device),
             )
             self._warm_start[matrix.name] = svd.block
         self._last_vectors[matrix.name] = svd.U
@@ -456,4 +505,3 @@ def _shape_only(copy: Tensor) -> Tensor:
 
 class _NonFinite(ValueError):
     """NaN/Inf in the weights: a real training failure, reported as such rather than as a monitoring error."""
-

@@ -63,7 +63,8 @@ def module_is_sharded(module: nn.Module) -> bool:
 def unsupported_sharding(model: nn.Module) -> str | None:
     """Why the model's parameters cannot be read (FSDP1 flat parameters), or None."""
     fsdp1 = any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()) or any(
-        getattr(p, "_fsdp_flattened", False) for p in model.parameters()  # FSDP1's tag, also on the inner model
+        getattr(p, "_fsdp_flattened", False)
+        for p in model.parameters()  # FSDP1's tag, also on the inner model
     )
     if fsdp1:
         return (

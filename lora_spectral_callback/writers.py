@@ -89,7 +89,9 @@ class TensorBoardWriter:
                 self._writer.add_scalar(tag, value, step)
             for name, layer in report.layers.items():
                 if layer.singular_values:
-                    self._writer.add_histogram(f"spectral/singular_values/{name}", np.asarray(layer.singular_values), step)
+                    self._writer.add_histogram(
+                        f"spectral/singular_values/{name}", np.asarray(layer.singular_values), step
+                    )
             self._writer.add_text("spectral/summary", summary_markdown(report), step)
             self._writer.flush()
         except Exception:

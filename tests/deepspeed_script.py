@@ -18,9 +18,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import RandomTokens, recount_run, tiny_bert  # noqa: E402
+from helpers import RandomTokens, recount_run, tiny_bert
 
-from lora_spectral_callback import LoRASpectralCallback  # noqa: E402
+from lora_spectral_callback import LoRASpectralCallback
 
 EPS = [0.5, 0.7]
 out = sys.argv[1]
@@ -29,7 +29,9 @@ rank = int(os.environ["RANK"])
 
 def zero(stage: int) -> dict:
     return {
-        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "zero_force_ds_cpu_optimizer": False,  # the Trainer's torch AdamW: no DeepSpeed CPU Adam to compile
     }
@@ -58,8 +60,16 @@ class Counting(LoRASpectralCallback):
 
 def train(model, callback, steps, lr, name, stage=3):
     args = TrainingArguments(
-        output_dir=os.path.join(out, name), max_steps=steps, per_device_train_batch_size=4, learning_rate=lr,
-        report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, deepspeed=zero(stage),
+        output_dir=os.path.join(out, name),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=lr,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        deepspeed=zero(stage),
     )
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=128), callbacks=[callback])
     trainer.train()
@@ -72,11 +82,23 @@ def train(model, callback, steps, lr, name, stage=3):
 
 def lora_phase(stage=3):
     pretrained = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
-    callback = Counting(every_n_steps=2, max_intruders=0, epsilon=EPS, log_dir=os.path.join(out, f"tb-zero{stage}"),
-                        progress=False, strict=True, asynchronous=stage == 3)
+    callback = Counting(
+        every_n_steps=2,
+        max_intruders=0,
+        epsilon=EPS,
+        log_dir=os.path.join(out, f"tb-zero{stage}"),
+        progress=False,
+        strict=True,
+        asynchronous=stage == 3,
+    )
     trainer, final, partitioned = train(copy.deepcopy(pretrained), callback, 12, 0.3, f"lora{stage}", stage)
-    result = {"global_step": trainer.state.global_step, "measured": callback.measured, "partitioned": partitioned,
-              "svds": callback.monitor._store.computed, "asynchronous": callback.asynchronous}
+    result = {
+        "global_step": trainer.state.global_step,
+        "measured": callback.measured,
+        "partitioned": partitioned,
+        "svds": callback.monitor._store.computed,
+        "asynchronous": callback.asynchronous,
+    }
     if rank == 0:
         result.update(recount_run("lora", pretrained, final, callback, EPS))
     return result
@@ -84,18 +106,34 @@ def lora_phase(stage=3):
 
 def full_phase():
     pretrained = tiny_bert(hidden=64)
-    callback = Counting(every_n_steps=2, epsilon=EPS, include=r"query|value", mode="full",
-                        log_dir=os.path.join(out, "tb-full"), progress=False, strict=True)
+    callback = Counting(
+        every_n_steps=2,
+        epsilon=EPS,
+        include=r"query|value",
+        mode="full",
+        log_dir=os.path.join(out, "tb-full"),
+        progress=False,
+        strict=True,
+    )
     trainer, final, partitioned = train(copy.deepcopy(pretrained), callback, steps=4, lr=1e-2, name="full")
-    result = {"global_step": trainer.state.global_step, "measured": callback.measured, "partitioned": partitioned,
-              "svds": callback.monitor._store.computed}
+    result = {
+        "global_step": trainer.state.global_step,
+        "measured": callback.measured,
+        "partitioned": partitioned,
+        "svds": callback.monitor._store.computed,
+    }
     if rank == 0:
         result.update(recount_run("full", pretrained, final, callback, EPS))
     return result
 
 
-results = {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"]), "lora": lora_phase(), "full": full_phase(),
-           "zero2": lora_phase(stage=2)}
+results = {
+    "rank": rank,
+    "world_size": int(os.environ["WORLD_SIZE"]),
+    "lora": lora_phase(),
+    "full": full_phase(),
+    "zero2": lora_phase(stage=2),
+}
 with open(os.path.join(out, f"zero3_{rank}.json"), "w") as f:
     json.dump(results, f)
 deepspeed.comm.destroy_process_group()

@@ -21,9 +21,9 @@ from torch.distributed.fsdp import fully_shard
 from transformers import TrainerControl, TrainerState
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import RandomTokens, recount_run, tiny_bert  # noqa: E402
+from helpers import RandomTokens, recount_run, tiny_bert
 
-from lora_spectral_callback import LoRASpectralCallback  # noqa: E402
+from lora_spectral_callback import LoRASpectralCallback
 
 EPS = [0.5, 0.7]
 out = sys.argv[1]
@@ -32,7 +32,9 @@ rank = dist.get_rank()
 
 
 def shard(model):
-    for layer in model.get_submodule("bert.encoder.layer" if hasattr(model, "bert") else "base_model.model.bert.encoder.layer"):
+    for layer in model.get_submodule(
+        "bert.encoder.layer" if hasattr(model, "bert") else "base_model.model.bert.encoder.layer"
+    ):
         fully_shard(layer)
     fully_shard(model)
     return model
@@ -76,13 +78,26 @@ def gathered_state(model):
 def lora_phase():
     pretrained = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
     model = shard(copy.deepcopy(pretrained))
-    callback = LoRASpectralCallback(every_n_steps=2, max_intruders=0, epsilon=EPS, log_dir=os.path.join(out, "tb"),
-                                    progress=False, strict=True, asynchronous=True,
-                                    forgetting_proxy=lambda model: {"drift": 0.0}, image_every_n_measurements=1)
+    callback = LoRASpectralCallback(
+        every_n_steps=2,
+        max_intruders=0,
+        epsilon=EPS,
+        log_dir=os.path.join(out, "tb"),
+        progress=False,
+        strict=True,
+        asynchronous=True,
+        forgetting_proxy=lambda model: {"drift": 0.0},
+        image_every_n_measurements=1,
+    )
     global_step, measured = train(model, callback, steps=12, lr=0.3)
     final = gathered_state(model)
-    result = {"global_step": global_step, "measured": measured, "svds": callback.monitor._store.computed,
-              "asynchronous": callback.asynchronous, "forgetting_proxy": callback.forgetting_proxy is not None}
+    result = {
+        "global_step": global_step,
+        "measured": measured,
+        "svds": callback.monitor._store.computed,
+        "asynchronous": callback.asynchronous,
+        "forgetting_proxy": callback.forgetting_proxy is not None,
+    }
     if rank == 0:
         result.update(recount_run("lora", pretrained, final, callback, EPS))
     return result
@@ -91,8 +106,15 @@ def lora_phase():
 def full_phase():
     pretrained = tiny_bert(hidden=64)
     model = shard(copy.deepcopy(pretrained))
-    callback = LoRASpectralCallback(every_n_steps=2, epsilon=EPS, include=r"query|value", mode="full",
-                                    log_dir=os.path.join(out, "tb-full"), progress=False, strict=True)
+    callback = LoRASpectralCallback(
+        every_n_steps=2,
+        epsilon=EPS,
+        include=r"query|value",
+        mode="full",
+        log_dir=os.path.join(out, "tb-full"),
+        progress=False,
+        strict=True,
+    )
     global_step, measured = train(model, callback, steps=4, lr=1e-2)
     final = gathered_state(model)
     result = {"global_step": global_step, "measured": measured, "svds": callback.monitor._store.computed}
@@ -151,8 +173,14 @@ def fsdp1_refused():
     return messages
 
 
-results = {"rank": rank, "world_size": dist.get_world_size(), "lora": lora_phase(), "full": full_phase(),
-           "faults": faults_phase(), "fsdp1": fsdp1_refused()}
+results = {
+    "rank": rank,
+    "world_size": dist.get_world_size(),
+    "lora": lora_phase(),
+    "full": full_phase(),
+    "faults": faults_phase(),
+    "fsdp1": fsdp1_refused(),
+}
 with open(os.path.join(out, f"fsdp{rank}.json"), "w") as f:
     json.dump(results, f)
 dist.destroy_process_group()

@@ -13,8 +13,13 @@ def tiny_bert(hidden: int = 64, layers: int = 2, seed: int = 0, labels: int = 2)
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=2 * hidden, max_position_embeddings=32, num_labels=labels,
+        vocab_size=100,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=32,
+        num_labels=labels,
     )
     return BertForSequenceClassification(config)
 
@@ -40,7 +45,11 @@ class RandomTokens(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids if self.causal else self.labels[i]}
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": ids if self.causal else self.labels[i],
+        }
 
 
 def reference_counts(base_weights: dict[str, torch.Tensor], merged_weights: dict[str, torch.Tensor], epsilon, k=10):
@@ -71,8 +80,16 @@ def recount_run(mode: str, pretrained, final_state: dict, callback, epsilon) -> 
     reference = copy.deepcopy(pretrained)
     reference.load_state_dict(final_state)
     if mode == "lora":
-        base = {readable_name(n): m.get_base_layer().weight.detach() for n, m in pretrained.named_modules() if hasattr(m, "lora_A")}
-        delta = {readable_name(n): m.get_delta_weight("default").detach() for n, m in reference.named_modules() if hasattr(m, "lora_A")}
+        base = {
+            readable_name(n): m.get_base_layer().weight.detach()
+            for n, m in pretrained.named_modules()
+            if hasattr(m, "lora_A")
+        }
+        delta = {
+            readable_name(n): m.get_delta_weight("default").detach()
+            for n, m in reference.named_modules()
+            if hasattr(m, "lora_A")
+        }
     else:
         names = [m.name for m in callback.monitor.matrices]
         base = {n: weight_matrix(pretrained.get_submodule(n)).detach() for n in names}
@@ -80,9 +97,12 @@ def recount_run(mode: str, pretrained, final_state: dict, callback, epsilon) -> 
     totals, per_layer = reference_counts(base, {n: base[n] + delta[n] for n in base}, epsilon)
     report = callback.last_report
     return {
-        "report_step": report.step, "alert_step": callback.last_alert.step if callback.last_alert else None,
-        "counts": {n: r.intruders for n, r in report.layers.items()}, "reference_counts": per_layer,
-        "totals": report.intruders_total_by_epsilon, "reference_totals": {f"{e:g}": totals[e] for e in epsilon},
+        "report_step": report.step,
+        "alert_step": callback.last_alert.step if callback.last_alert else None,
+        "counts": {n: r.intruders for n, r in report.layers.items()},
+        "reference_counts": per_layer,
+        "totals": report.intruders_total_by_epsilon,
+        "reference_totals": {f"{e:g}": totals[e] for e in epsilon},
         "ranks": {n: r.effective_rank for n, r in report.layers.items()},
         "reference_ranks": {n: effective_rank(torch.linalg.svdvals(d.double())) for n, d in delta.items()},
         "errors": report.errors,

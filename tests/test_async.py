@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
+from helpers import RandomTokens, tiny_bert
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
-from helpers import RandomTokens, tiny_bert
 from lora_spectral_callback import LoRASpectralCallback, SpectralMonitor
 from lora_spectral_callback.background import BackgroundMeasurer
 
@@ -24,8 +24,16 @@ def lora_bert():
 def train(tmp_path, max_steps: int, **callback_options):
     callback = LoRASpectralCallback(log_dir=str(tmp_path / "tb"), progress=False, **callback_options)
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=5e-3,
-        report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=lora_bert(), args=args, train_dataset=RandomTokens(n=64), callbacks=[callback])
     trainer.train()
@@ -69,7 +77,9 @@ def test_async_reports_equal_sync_reports(tmp_path, recorded):
 
 def test_async_stop_still_happens_with_checkpoint(tmp_path):
     alerts = []
-    trainer, _ = train(tmp_path, max_steps=40, every_n_steps=20, max_intruders=0, asynchronous=True, on_alert=alerts.append)
+    trainer, _ = train(
+        tmp_path, max_steps=40, every_n_steps=20, max_intruders=0, asynchronous=True, on_alert=alerts.append
+    )
     assert alerts[0].step == 0  # the measurement of step 0 raised it
     assert 0 < trainer.state.global_step <= 20  # delivered at a later step, at the latest the next measurement
     assert os.path.isdir(tmp_path / "out" / f"checkpoint-{trainer.state.global_step}")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_bert
 from peft import LoraConfig, get_peft_model
 
 from lora_spectral_callback import SpectralMonitor, basis_store
 from lora_spectral_callback.basis_store import BasisStore, weight_fingerprint
 from lora_spectral_callback.metrics import pretrained_basis_and_spectrum
-
-from helpers import tiny_bert
 
 
 def lora_bert(seed: int = 0):
@@ -29,7 +28,9 @@ def reports_equal(a, b) -> None:
         assert la.intruders_by_epsilon == lb.intruders_by_epsilon
         # same fp16 values; only BLAS summation order may differ with the buffer's alignment
         torch.testing.assert_close(torch.tensor(la.max_cos), torch.tensor(lb.max_cos), rtol=0, atol=1e-6)
-        torch.testing.assert_close(torch.tensor(la.singular_values), torch.tensor(lb.singular_values), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(la.singular_values), torch.tensor(lb.singular_values), rtol=0, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("exact_below", [512, 0])  # exact SVD path and iterative solver path
@@ -47,7 +48,11 @@ def test_disk_and_cached_bases_give_identical_reports(tmp_path, exact_below):
 
 def test_cache_hit_on_second_monitor_runs_no_svd(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(basis_store, "pretrained_basis_and_spectrum", lambda W, dtype: calls.append(1) or pretrained_basis_and_spectrum(W, dtype))
+    monkeypatch.setattr(
+        basis_store,
+        "pretrained_basis_and_spectrum",
+        lambda W, dtype: calls.append(1) or pretrained_basis_and_spectrum(W, dtype),
+    )
     model = lora_bert()
     first = SpectralMonitor(model, basis_cache_dir=str(tmp_path), basis_device="disk", progress=False)
     first.snapshot()

@@ -25,8 +25,17 @@ def lora_bert(seed: int = 0):
 
 def train(model, callback, output_dir, max_steps=12, lr=5e-2, **kw):
     args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, learning_rate=lr, per_device_train_batch_size=8,
-        logging_steps=4, save_strategy="no", report_to=["tensorboard"], use_cpu=True, disable_tqdm=True, seed=0, **kw,
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        learning_rate=lr,
+        per_device_train_batch_size=8,
+        logging_steps=4,
+        save_strategy="no",
+        report_to=["tensorboard"],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        **kw,
     )
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[callback])
     trainer.train()
@@ -59,8 +68,13 @@ def test_tensorboard_tags_values_and_schedule(tmp_path):
     # measured at step 0, every 5 steps, and at the end of training
     assert sorted(scalars["spectral/intruders_total"]) == [0, 5, 10, 12]
     assert scalars["spectral/intruders_total"][0] == 0  # B = 0 at init: the merged weight is the pretrained one
-    expected = {"spectral/intruders_total", "spectral/intruders_total/eps_0.5", "spectral/intruders_total/eps_0.3",
-                "spectral/effective_rank_mean", "spectral/errors"}
+    expected = {
+        "spectral/intruders_total",
+        "spectral/intruders_total/eps_0.5",
+        "spectral/intruders_total/eps_0.3",
+        "spectral/effective_rank_mean",
+        "spectral/errors",
+    }
     expected |= {f"spectral/intruders/{n}" for n in names} | {f"spectral/effective_rank/{n}" for n in names}
     assert expected <= set(scalars)
     assert {f"spectral/singular_values/{n}" for n in names} <= set(acc.Tags()["histograms"])
@@ -74,7 +88,9 @@ def test_tensorboard_tags_values_and_schedule(tmp_path):
         assert scalars[f"spectral/intruders/{name}"][12] == per_layer[name]
         ranks = torch.linalg.svdvals(merged[name] - base[name])[:4]
         p = ranks / ranks.sum()
-        assert scalars[f"spectral/effective_rank/{name}"][12] == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-5)
+        assert scalars[f"spectral/effective_rank/{name}"][12] == pytest.approx(
+            torch.exp(-(p * p.log()).sum()).item(), rel=1e-5
+        )
     histogram = acc.Histograms(f"spectral/singular_values/{names[0]}")[-1]
     assert histogram.step == 12 and histogram.histogram_value.num == 10
     top = torch.linalg.svdvals(merged[names[0]])[0].item()
@@ -134,7 +150,9 @@ def test_patience_and_per_layer_limit(tmp_path):
 
 
 def test_alert_without_stop(tmp_path):
-    callback = LoRASpectralCallback(every_n_steps=3, max_intruders=0, stop_training=False, log_dir=str(tmp_path / "tb"), progress=False)
+    callback = LoRASpectralCallback(
+        every_n_steps=3, max_intruders=0, stop_training=False, log_dir=str(tmp_path / "tb"), progress=False
+    )
     trainer = train(lora_bert(), callback, tmp_path / "out", max_steps=9)
     assert trainer.state.global_step == 9 and callback.last_alert is not None
     assert not glob.glob(str(tmp_path / "out" / "checkpoint-*"))

@@ -45,7 +45,9 @@ def saved(tmp_path_factory):
     base = tiny_bert(seed=0)
     base.save_pretrained(root / "base")
     base_weights = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
-    peft_model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value", "dense"]))
+    peft_model = get_peft_model(
+        base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
+    )
     randomize_lora(peft_model)
     peft_model.save_pretrained(root / "adapter")
     merged = peft_model.merge_and_unload()
@@ -72,7 +74,9 @@ def test_json_counts_equal_float64_recount_of_merged_weights(saved, capsys):
     data = run_json(capsys, str(root / "base"), str(root / "adapter"), "--epsilon", "0.5,0.3")
     names = list(data["layers"])
     assert len(names) == 11  # 2 x (query, value, attention.output.dense, intermediate.dense, output.dense) + pooler
-    totals, per_layer = reference_counts({n: base_weights[n] for n in names}, {n: merged_weights[n] for n in names}, EPS)
+    totals, per_layer = reference_counts(
+        {n: base_weights[n] for n in names}, {n: merged_weights[n] for n in names}, EPS
+    )
     assert data["intruders_total_by_epsilon"] == {"0.5": totals[0.5], "0.3": totals[0.3]}
     assert {n: layer["intruders"] for n, layer in data["layers"].items()} == per_layer
     assert 0 < totals[0.3] < totals[0.5]  # the fixture is non-trivial at both thresholds
@@ -86,7 +90,21 @@ def test_json_counts_equal_float64_recount_of_merged_weights(saved, capsys):
 
 def test_table_include_and_top_k(saved, capsys):
     root, _, _ = saved
-    assert main(["analyze", str(root / "base"), str(root / "adapter"), "--include", r"layer\.1\.attention\.self", "--top-k", "3", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(root / "base"),
+                str(root / "adapter"),
+                "--include",
+                r"layer\.1\.attention\.self",
+                "--top-k",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["layer", "intr@0.5"]
     rows = [line.split()[0] for line in lines[2:-2]]
@@ -98,9 +116,21 @@ def test_subprocess_module_entry_point(saved):
     root, base_weights, merged_weights = saved
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     out = subprocess.run(
-        [sys.executable, "-m", "lora_spectral_callback.cli", "analyze", str(root / "base"), str(root / "adapter"), "--json",
-         "--include", "query"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "lora_spectral_callback.cli",
+            "analyze",
+            str(root / "base"),
+            str(root / "adapter"),
+            "--json",
+            "--include",
+            "query",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
@@ -113,7 +143,21 @@ def test_tensorboard_output_has_callback_tags_and_pictures(saved, capsys, tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     root, _, _ = saved
-    assert main(["analyze", str(root / "base"), str(root / "adapter"), "--tensorboard", str(tmp_path), "--image-layers", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(root / "base"),
+                str(root / "adapter"),
+                "--tensorboard",
+                str(tmp_path),
+                "--image-layers",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     events = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
@@ -121,7 +165,10 @@ def test_tensorboard_output_has_callback_tags_and_pictures(saved, capsys, tmp_pa
     assert "spectral/intruders/bert.pooler.dense" in tags["scalars"]
     images = tags["images"]
     assert "spectral/intruder_grid" in images
-    assert sum(t.startswith("spectral/cosine/") for t in images) == 2 and sum(t.startswith("spectral/spectrum/") for t in images) == 2
+    assert (
+        sum(t.startswith("spectral/cosine/") for t in images) == 2
+        and sum(t.startswith("spectral/spectrum/") for t in images) == 2
+    )
     assert "spectral/summary/text_summary" in tags["tensors"]
 
 
@@ -147,7 +194,9 @@ def test_finetuned_mode_matches_float64_recount(tmp_path, capsys):
         query = tuned.bert.encoder.layer[0].attention.self.query.weight
         query.add_(torch.randn(64, 2, generator=g) @ torch.randn(2, 64, generator=g) * 0.2)
     tuned.save_pretrained(tmp_path / "tuned")
-    data = run_json(capsys, str(tmp_path / "base"), "--finetuned", str(tmp_path / "tuned"), "--epsilon", "0.5", "--epsilon", "0.3")
+    data = run_json(
+        capsys, str(tmp_path / "base"), "--finetuned", str(tmp_path / "tuned"), "--epsilon", "0.5", "--epsilon", "0.3"
+    )
     # AutoModel loads the backbone (no classification head): names are BertModel's. Every Linear and Embedding
     # is compared, embeddings as (dim, vocabulary) like PEFT's embedding LoRA.
     W0, W = dense_weights(base.bert), dense_weights(tuned.bert)
@@ -178,21 +227,32 @@ def test_finetuned_on_the_merged_adapter_agrees_with_adapter_mode(saved, capsys)
 # -- errors: one line, exit 1, never a traceback --------------------------------------------------------------
 def test_missing_paths(saved, capsys, tmp_path):
     root, _, _ = saved
-    assert_error(capsys, ["analyze", str(tmp_path / "nope"), str(root / "adapter")], "base model directory", "does not exist")
+    assert_error(
+        capsys, ["analyze", str(tmp_path / "nope"), str(root / "adapter")], "base model directory", "does not exist"
+    )
     assert_error(capsys, ["analyze", str(root / "base"), str(tmp_path / "nope")], "adapter directory", "does not exist")
     assert_error(capsys, ["analyze", str(root / "base"), str(root / "base")], "has no adapter_config.json")
-    assert_error(capsys, ["analyze", str(root / "base"), "--finetuned", str(tmp_path)], "fine-tuned model directory", "config.json")
+    assert_error(
+        capsys,
+        ["analyze", str(root / "base"), "--finetuned", str(tmp_path)],
+        "fine-tuned model directory",
+        "config.json",
+    )
 
 
 def test_adapter_and_finetuned_are_exclusive(saved, capsys):
     root, _, _ = saved
     assert_error(capsys, ["analyze", str(root / "base")], "exactly one of ADAPTER_DIR or --finetuned")
-    assert_error(capsys, ["analyze", str(root / "base"), str(root / "adapter"), "--finetuned", str(root / "base")], "exactly one")
+    assert_error(
+        capsys, ["analyze", str(root / "base"), str(root / "adapter"), "--finetuned", str(root / "base")], "exactly one"
+    )
 
 
 def test_adapter_that_is_not_lora(saved, capsys, tmp_path):
     root, _, _ = saved
-    ia3 = get_peft_model(tiny_bert(), IA3Config(task_type="SEQ_CLS", target_modules=["query", "value"], feedforward_modules=[]))
+    ia3 = get_peft_model(
+        tiny_bert(), IA3Config(task_type="SEQ_CLS", target_modules=["query", "value"], feedforward_modules=[])
+    )
     ia3.save_pretrained(tmp_path / "ia3")
     assert_error(capsys, ["analyze", str(root / "base"), str(tmp_path / "ia3")], "is a IA3 adapter, not LoRA")
 
@@ -200,19 +260,32 @@ def test_adapter_that_is_not_lora(saved, capsys, tmp_path):
 def test_adapter_with_mismatched_shapes(saved, capsys, tmp_path):
     root, _, _ = saved
     tiny_bert(hidden=32).save_pretrained(tmp_path / "small")
-    assert_error(capsys, ["analyze", str(tmp_path / "small"), str(root / "adapter")], "does not fit base model", "size mismatch")
+    assert_error(
+        capsys, ["analyze", str(tmp_path / "small"), str(root / "adapter")], "does not fit base model", "size mismatch"
+    )
 
 
 def test_adapter_targets_absent_from_base(saved, capsys, tmp_path):
     root, _, _ = saved
     tiny_gpt2().save_pretrained(tmp_path / "gpt2")
-    assert_error(capsys, ["analyze", str(tmp_path / "gpt2"), str(root / "adapter")], "none of the adapter's target modules", "['dense', 'query', 'value']", "GPT2ForSequenceClassification")
+    assert_error(
+        capsys,
+        ["analyze", str(tmp_path / "gpt2"), str(root / "adapter")],
+        "none of the adapter's target modules",
+        "['dense', 'query', 'value']",
+        "GPT2ForSequenceClassification",
+    )
 
 
 def test_finetuned_with_mismatched_shapes(saved, capsys, tmp_path):
     root, _, _ = saved
     tiny_bert(hidden=32).save_pretrained(tmp_path / "small")
-    assert_error(capsys, ["analyze", str(root / "base"), "--finetuned", str(tmp_path / "small")], "shape mismatch for ", "base (100, 64)")
+    assert_error(
+        capsys,
+        ["analyze", str(root / "base"), "--finetuned", str(tmp_path / "small")],
+        "shape mismatch for ",
+        "base (100, 64)",
+    )
 
 
 def test_bad_options_are_usage_errors(saved, capsys):
@@ -222,8 +295,17 @@ def test_bad_options_are_usage_errors(saved, capsys):
             main(["analyze", str(root / "base"), str(root / "adapter"), *bad])
         assert exit_.value.code == 2
         assert "lora-spectral analyze: error: argument" in capsys.readouterr().err
-    assert_error(capsys, ["analyze", str(root / "base"), str(root / "adapter"), "--include", "("], "--include", "regular expression")
-    assert_error(capsys, ["analyze", str(root / "base"), str(root / "adapter"), "--include", "nomatch"], "match none of the model's LoRA layers")
+    assert_error(
+        capsys,
+        ["analyze", str(root / "base"), str(root / "adapter"), "--include", "("],
+        "--include",
+        "regular expression",
+    )
+    assert_error(
+        capsys,
+        ["analyze", str(root / "base"), str(root / "adapter"), "--include", "nomatch"],
+        "match none of the model's LoRA layers",
+    )
 
 
 def test_peft_reference_loads_the_same_adapter(saved):
@@ -231,7 +313,9 @@ def test_peft_reference_loads_the_same_adapter(saved):
     root, _, merged_weights = saved
     from transformers import AutoModelForSequenceClassification
 
-    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(root / "base"), root / "adapter")
+    model = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(root / "base"), root / "adapter"
+    )
     merged = model.merge_and_unload()
     name = "bert.encoder.layer.0.attention.self.query"
     assert torch.allclose(merged.get_submodule(name).weight, merged_weights[name])

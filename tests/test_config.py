@@ -4,10 +4,10 @@ train begin) with a ValueError that names the option and what is allowed."""
 from __future__ import annotations
 
 import pytest
+from helpers import RandomTokens, tiny_bert
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
-from helpers import RandomTokens, tiny_bert
 from lora_spectral_callback import LoRASpectralCallback, SpectralConfig, SpectralMonitor
 from lora_spectral_callback.alerts import IntruderThreshold
 
@@ -33,7 +33,9 @@ def test_top_k(value):
 
 @pytest.mark.parametrize("value", [0, 1, 1.5, -0.1, float("nan"), [], [0.5, 1.0], "0.5", None, True])
 def test_epsilon_outside_unit_interval(value):
-    with pytest.raises(ValueError, match=r"epsilon=.* is invalid: must be a number or list of numbers strictly between 0 and 1"):
+    with pytest.raises(
+        ValueError, match=r"epsilon=.* is invalid: must be a number or list of numbers strictly between 0 and 1"
+    ):
         LoRASpectralCallback(epsilon=value)
 
 

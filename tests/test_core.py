@@ -97,7 +97,9 @@ def test_error_bound_holds_against_float64_vectors():
     W0 = spectrum_matrix(1024, 1024, 0.1, 7)
     B, A = lora_update(1024, 1024, 8, 0.8, 7)
     U_ref = torch.linalg.svd(W0 + B @ A, full_matrices=False)[0][:, :10]
-    svd = top_singular_triplets(LowRankUpdatedMatrix(W0, B, A), 10, None, tol=1e-3, generator=torch.Generator().manual_seed(0))
+    svd = top_singular_triplets(
+        LowRankUpdatedMatrix(W0, B, A), 10, None, tol=1e-3, generator=torch.Generator().manual_seed(0)
+    )
     signs = torch.sign((svd.U * U_ref).sum(0))
     actual = (svd.U - U_ref * signs).norm(dim=0)
     assert svd.converged and (actual <= svd.error + 1e-10).all()
@@ -120,7 +122,9 @@ def test_exact_path_matches_lapack_and_keeps_dtype():
     U, S, _ = torch.linalg.svd(W0.double())
     assert svd.U.dtype == torch.float32 and svd.converged and svd.iterations == 0
     torch.testing.assert_close(svd.S.double(), S[:10], rtol=1e-6, atol=0)
-    torch.testing.assert_close((svd.U.double() * U[:, :10]).sum(0).abs(), torch.ones(10, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        (svd.U.double() * U[:, :10]).sum(0).abs(), torch.ones(10, dtype=torch.float64), rtol=0, atol=1e-5
+    )
 
 
 def test_count_intruders_is_strict_and_multi_threshold():
@@ -162,7 +166,9 @@ def test_low_rank_singular_values_are_exact():
     B, A = torch.randn(300, 6, generator=g), torch.randn(6, 200, generator=g)
     expected = torch.linalg.svdvals((B @ A).double())[:6]
     torch.testing.assert_close(low_rank_singular_values(B, A), expected, rtol=1e-5, atol=0)
-    assert torch.equal(low_rank_singular_values(torch.zeros(10, 2), torch.randn(2, 5)), torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(
+        low_rank_singular_values(torch.zeros(10, 2), torch.randn(2, 5)), torch.zeros(2, dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("decay", ["noise", "power", "rank8"])
@@ -176,8 +182,11 @@ def test_effective_rank_estimate_matches_float64_svd(decay):
     U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64)).Q
     V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
     i = torch.arange(1, n + 1, dtype=torch.float64)
-    sigma = {"noise": torch.linalg.svdvals(torch.randn(m, n, generator=g, dtype=torch.float64)), "power": 1 / i,
-             "rank8": (i <= 8).double()}[decay]
+    sigma = {
+        "noise": torch.linalg.svdvals(torch.randn(m, n, generator=g, dtype=torch.float64)),
+        "power": 1 / i,
+        "rank8": (i <= 8).double(),
+    }[decay]
     delta = (U * sigma) @ V.T
     exact = effective_rank(torch.linalg.svdvals(delta))
     state = torch.random.get_rng_state()
@@ -185,7 +194,9 @@ def test_effective_rank_estimate_matches_float64_svd(decay):
     assert torch.equal(state, torch.random.get_rng_state())
     assert first == estimate_effective_rank(delta.float(), generator=torch.Generator().manual_seed(3))
     assert first == pytest.approx(exact, rel=0.02)
-    assert estimate_effective_rank(delta.T.float(), generator=torch.Generator().manual_seed(3)) == pytest.approx(exact, rel=0.02)
+    assert estimate_effective_rank(delta.T.float(), generator=torch.Generator().manual_seed(3)) == pytest.approx(
+        exact, rel=0.02
+    )
     tiny = delta.float() * 1e-25  # scale-free: a tiny update must not underflow in the Gram products
     assert estimate_effective_rank(tiny, generator=torch.Generator().manual_seed(3)) == pytest.approx(first, rel=1e-4)
     assert estimate_effective_rank(torch.zeros(50, 40)) == 0.0

@@ -37,8 +37,14 @@ def test_trainer_on_gpu(tmp_path):
     model = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
     callback = LoRASpectralCallback(every_n_steps=5, log_dir=str(tmp_path / "tb"), progress=False)
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=10, learning_rate=5e-2, per_device_train_batch_size=8,
-        save_strategy="no", report_to=[], bf16=True, disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
+        max_steps=10,
+        learning_rate=5e-2,
+        per_device_train_batch_size=8,
+        save_strategy="no",
+        report_to=[],
+        bf16=True,
+        disable_tqdm=True,
     )
     Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[callback]).train()
     scalars, _ = read_scalars(str(tmp_path / "tb"))

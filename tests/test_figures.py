@@ -25,7 +25,9 @@ from tests.test_cli import one_thread, randomize_lora  # noqa: F401  (fixture re
 
 @pytest.fixture(scope="module")
 def measured():
-    model = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"]))
+    model = get_peft_model(
+        tiny_bert(), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    )
     randomize_lora(model, scale=0.2)
     monitor = SpectralMonitor(model, progress=False)
     report = monitor.measure(step=7)
@@ -36,7 +38,12 @@ def measured():
 def reference_cosines(module, n: int, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 full SVDs of the pretrained and merged weight: |U[:, :k]^T U0[:, :n]| (k x n) and sigma0[:n]."""
     W0 = module.base_layer.weight.double()
-    W = W0 + module.scaling["default"] * module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double()
+    W = (
+        W0
+        + module.scaling["default"]
+        * module.lora_B["default"].weight.double()
+        @ module.lora_A["default"].weight.double()
+    )
     U0, S0, _ = torch.linalg.svd(W0)
     U = torch.linalg.svd(W)[0]
     return (U[:, :k].T @ U0[:, :n]).abs(), S0[:n]
@@ -75,7 +82,10 @@ def test_spectrum_plot_lines(measured):
 
 def test_intruder_grid_places_counts(measured):
     _, _, report = measured
-    assert grid_position("bert.encoder.layer.12.attention.self.query") == ("bert.encoder.layer.12", "attention.self.query")
+    assert grid_position("bert.encoder.layer.12.attention.self.query") == (
+        "bert.encoder.layer.12",
+        "attention.self.query",
+    )
     assert grid_position("lm_head") == ("lm_head", "")
     fig = intruder_grid(report)
     grid = fig.axes[0].images[0].get_array()
@@ -89,7 +99,9 @@ def test_intruder_grid_places_counts(measured):
 def test_summary_and_layer_choice(measured):
     _, _, report = measured
     ranked = figure_layers(report, None)
-    assert [report.layers[n].intruders for n in ranked] == sorted((r.intruders for r in report.layers.values()), reverse=True)
+    assert [report.layers[n].intruders for n in ranked] == sorted(
+        (r.intruders for r in report.layers.values()), reverse=True
+    )
     assert figure_layers(report, 1) == ranked[:1]
     text = summary_markdown(report)
     assert text.startswith(f"**step 7**: {report.intruders_total} intruder dimension(s)")
@@ -116,10 +128,19 @@ def test_callback_writes_pictures_on_schedule(tmp_path):
     with pytest.raises(ValueError, match="image_every_n_measurements=0 is invalid"):
         LoRASpectralCallback(image_every_n_measurements=0)
     model = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
-    callback = LoRASpectralCallback(every_n_steps=1, image_every_n_measurements=2, image_layers=1, log_dir=str(tmp_path / "tb"), progress=False)
+    callback = LoRASpectralCallback(
+        every_n_steps=1, image_every_n_measurements=2, image_layers=1, log_dir=str(tmp_path / "tb"), progress=False
+    )
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
-        report_to=[], save_strategy="no", logging_steps=100, use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=100,
+        use_cpu=True,
+        disable_tqdm=True,
     )
     Trainer(model=model, args=args, train_dataset=RandomTokens(n=32), callbacks=[callback]).train()
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})

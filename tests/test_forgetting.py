@@ -97,10 +97,19 @@ def _train(tmp_path, proxy, lr=5e-2, steps=12):
     from lora_spectral_callback import LoRASpectralCallback
 
     model = _lora(tiny_bert())
-    callback = LoRASpectralCallback(every_n_steps=4, log_dir=str(tmp_path / "tb"), progress=False, forgetting_proxy=proxy)
+    callback = LoRASpectralCallback(
+        every_n_steps=4, log_dir=str(tmp_path / "tb"), progress=False, forgetting_proxy=proxy
+    )
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=lr, max_steps=steps,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=100,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        learning_rate=lr,
+        max_steps=steps,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=100,
     )
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=64), callbacks=[callback])
     trainer.train()

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 import torch
-
 from helpers import reference_counts, tiny_bert
+
 from lora_spectral_callback import SpectralMonitor
 from lora_spectral_callback.full_finetune import weight_matrix
 from lora_spectral_callback.metrics import effective_rank
@@ -50,7 +50,9 @@ def test_auto_mode_picks_full_for_a_plain_model(caplog):
 def test_full_rank_update_counts_and_effective_rank(exact_below):
     model = tiny_bert(hidden=64)
     pretrained = copy.deepcopy(model)
-    monitor = SpectralMonitor(model, include=r"query|value|dense", epsilon=EPS, exact_below=exact_below, progress=False, strict=True)
+    monitor = SpectralMonitor(
+        model, include=r"query|value|dense", epsilon=EPS, exact_below=exact_below, progress=False, strict=True
+    )
     assert monitor.mode == "full"
     monitor.snapshot()
     g = torch.Generator().manual_seed(0)
@@ -59,7 +61,9 @@ def test_full_rank_update_counts_and_effective_rank(exact_below):
             W = m.module.weight
             W.add_(torch.randn(W.shape, generator=g) * 0.01)
             if i % 3 == 0:
-                W.add_(torch.randn(W.shape[0], 2, generator=g) @ torch.randn(2, W.shape[1], generator=g) * (0.5 + 0.3 * i))
+                W.add_(
+                    torch.randn(W.shape[0], 2, generator=g) @ torch.randn(2, W.shape[1], generator=g) * (0.5 + 0.3 * i)
+                )
     # a Linear's own weight changed in place, the monitor's copy did not
     assert not torch.equal(monitor.matrices[0].base_weight(), weight_matrix(monitor.matrices[0].module))
     report = monitor.measure(step=1)
@@ -82,7 +86,10 @@ def _minilm_full_finetune(lr: float, steps: int, seed: int = 0):
     model = AutoModel.from_pretrained(gt.get_model_path())
     pretrained = copy.deepcopy(model)
     options = dict(mode="full", include=r"attention\.self\.(query|value)$", epsilon=EPS, progress=False, strict=True)
-    monitors = [SpectralMonitor(model, **options), SpectralMonitor(model, exact_below=0, **options)]  # LAPACK; iteration
+    monitors = [
+        SpectralMonitor(model, **options),
+        SpectralMonitor(model, exact_below=0, **options),
+    ]  # LAPACK; iteration
     for monitor in monitors:
         monitor.snapshot()
     head = torch.nn.Linear(model.config.hidden_size, 2)
@@ -112,16 +119,26 @@ def test_small_lr_full_finetune_of_real_minilm_has_no_invented_intruders():
 
 
 def test_callback_full_finetune_with_trainer(tmp_path):
+    from helpers import RandomTokens
     from transformers import Trainer, TrainingArguments
 
-    from helpers import RandomTokens
     from lora_spectral_callback import LoRASpectralCallback
 
     model = tiny_bert(hidden=64)
     pretrained = copy.deepcopy(model)
-    callback = LoRASpectralCallback(every_n_steps=2, epsilon=EPS, include=r"query|value", log_dir=str(tmp_path / "tb"), progress=False, strict=True)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
-                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    callback = LoRASpectralCallback(
+        every_n_steps=2, epsilon=EPS, include=r"query|value", log_dir=str(tmp_path / "tb"), progress=False, strict=True
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     Trainer(model=model, args=args, train_dataset=RandomTokens(n=32), callbacks=[callback]).train()
     assert callback.monitor.mode == "full"
     report = callback.last_report
@@ -151,17 +168,33 @@ def test_auto_mode_refuses_other_peft_tuners():
 def test_resumed_full_finetune_measures_against_the_first_runs_baseline(tmp_path, basis_device):
     """The resumed model is already fine-tuned: the monitor must use the copies the first run saved, not retake
     them; a missing or different baseline stops the resume with a clear error."""
+    from helpers import RandomTokens
     from transformers import Trainer, TrainingArguments
 
-    from helpers import RandomTokens
     from lora_spectral_callback import LoRASpectralCallback
 
     def trainer(model, max_steps):
-        callback = LoRASpectralCallback(every_n_steps=2, epsilon=EPS, include=r"query|value", log_dir=str(tmp_path / "tb"),
-                                        basis_device=basis_device, progress=False, strict=True)
-        args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=8,
-                                 learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
-                                 disable_tqdm=True, seed=0)
+        callback = LoRASpectralCallback(
+            every_n_steps=2,
+            epsilon=EPS,
+            include=r"query|value",
+            log_dir=str(tmp_path / "tb"),
+            basis_device=basis_device,
+            progress=False,
+            strict=True,
+        )
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "out"),
+            max_steps=max_steps,
+            per_device_train_batch_size=8,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="steps",
+            save_steps=2,
+            disable_tqdm=True,
+            seed=0,
+        )
         return Trainer(model=model, args=args, train_dataset=RandomTokens(n=32), callbacks=[callback]), callback
 
     pretrained = tiny_bert(hidden=64)
@@ -182,17 +215,32 @@ def test_resumed_full_finetune_measures_against_the_first_runs_baseline(tmp_path
 def test_asynchronous_full_finetune_measures_the_captured_weights(tmp_path):
     """A full fine-tune trains the weights themselves: the background worker must measure a copy taken at the
     step, and the final numbers equal a float64 recount."""
+    from helpers import RandomTokens
     from transformers import Trainer, TrainingArguments
 
-    from helpers import RandomTokens
     from lora_spectral_callback import LoRASpectralCallback
 
     model = tiny_bert(hidden=64)
     pretrained = copy.deepcopy(model)
-    callback = LoRASpectralCallback(every_n_steps=2, epsilon=EPS, include=r"query|value", asynchronous=True,
-                                    log_dir=str(tmp_path / "tb"), progress=False, strict=True)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
-                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    callback = LoRASpectralCallback(
+        every_n_steps=2,
+        epsilon=EPS,
+        include=r"query|value",
+        asynchronous=True,
+        log_dir=str(tmp_path / "tb"),
+        progress=False,
+        strict=True,
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=32), callbacks=[callback])
     trainer.train()
     history = [h["step"] for h in trainer.state.log_history if "spectral/intruders_total" in h]
@@ -218,7 +266,7 @@ def test_disk_weight_copies_are_memory_mapped_and_give_the_same_report(tmp_path,
     with open("/proc/self/maps") as maps:
         mapped = {line.split(maxsplit=5)[-1] for line in maps.read().splitlines() if copies in line}
     assert len(mapped) == len(on_disk.matrices) == 4  # the copies are file mappings, not resident allocations
-    for a, b in zip(on_disk.matrices, in_memory.matrices):
+    for a, b in zip(on_disk.matrices, in_memory.matrices, strict=True):
         assert a.pretrained.dtype == getattr(torch, copy_dtype) and torch.equal(a.pretrained, b.pretrained)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -238,8 +286,9 @@ def test_estimated_effective_rank_of_a_full_rank_update_is_within_2_percent():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(384, 256), torch.nn.Linear(256, 384))
     exact = SpectralMonitor(model, mode="full", include=r"^\d$", epsilon=EPS, progress=False, strict=True)
-    estimate = SpectralMonitor(model, mode="full", include=r"^\d$", epsilon=EPS, effective_rank_method="estimate",
-                               progress=False, strict=True)
+    estimate = SpectralMonitor(
+        model, mode="full", include=r"^\d$", epsilon=EPS, effective_rank_method="estimate", progress=False, strict=True
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a noise-like drift plus a few strong new directions, as in a full fine-tune
         for layer in model:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import reference_counts, tiny_gpt2
 from peft import LoraConfig
 
-from helpers import reference_counts, tiny_gpt2
 from lora_spectral_callback.full_finetune import weight_matrix
 
 EPS = [0.5, 0.7]
@@ -44,14 +44,30 @@ def test_trl_sft_trainer_with_peft_config(tmp_path):
     data = datasets.Dataset.from_dict({"input_ids": torch.randint(1, 100, (32, 16), generator=g).tolist()})
     model = tiny_gpt2()
     pretrained = copy.deepcopy(model)
-    callback = LoRASpectralCallback(every_n_steps=2, epsilon=EPS, log_dir=str(tmp_path / "tb"), progress=False, strict=True)
+    callback = LoRASpectralCallback(
+        every_n_steps=2, epsilon=EPS, log_dir=str(tmp_path / "tb"), progress=False, strict=True
+    )
     args = SFTConfig(
-        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=8, learning_rate=5e-3,
-        report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-        eos_token=tokenizer.sep_token, pad_token=tokenizer.pad_token,
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        eos_token=tokenizer.sep_token,
+        pad_token=tokenizer.pad_token,
     )
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
     trainer.train()
     measured = [h["step"] for h in trainer.state.log_history if "spectral/intruders_total" in h]
     assert measured == [0, 2, 4]
@@ -75,7 +91,9 @@ def test_accelerate_loop_example_matches_recount(tmp_path):
     torch.manual_seed(0)
     model = example.minilm_lora_classifier(r=4)
     pretrained = copy.deepcopy(model.encoder).merge_and_unload()  # B = 0 at init: the pretrained weights
-    reports, step = example.train(model, steps=6, every=3, lr=5e-3, log_dir=str(tmp_path), epsilon=EPS, progress=False, strict=True)
+    reports, step = example.train(
+        model, steps=6, every=3, lr=5e-3, log_dir=str(tmp_path), epsilon=EPS, progress=False, strict=True
+    )
     assert step == 6 and [r.step for r in reports] == [3, 6]
     merged = copy.deepcopy(model.encoder).merge_and_unload()
     names = list(reports[-1].layers)  # PEFT's wrapper segments are dropped also inside a larger module
@@ -95,5 +113,7 @@ def test_accelerate_loop_example_stops_on_threshold(tmp_path):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    reports, step = example.train(model, steps=9, every=3, lr=1e-4, max_intruders=0, log_dir=str(tmp_path), progress=False)
+    reports, step = example.train(
+        model, steps=9, every=3, lr=1e-4, max_intruders=0, log_dir=str(tmp_path), progress=False
+    )
     assert step == 3 and len(reports) == 1 and reports[0].intruders_total > 0

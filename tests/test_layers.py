@@ -45,7 +45,13 @@ def our_merged(model, **kw) -> dict[str, torch.Tensor]:
     [
         dict(r=4, lora_alpha=8, target_modules=["query", "value"]),
         dict(r=4, lora_alpha=8, target_modules=["query", "value"], use_rslora=True),
-        dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], rank_pattern={"value": 2}, alpha_pattern={"query": 3}),
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value", "dense"],
+            rank_pattern={"value": 2},
+            alpha_pattern={"query": 3},
+        ),
         dict(r=4, lora_alpha=8, target_modules=["query", "value"], use_dora=True),
     ],
     ids=["lora", "rslora", "patterns", "dora"],
@@ -85,7 +91,10 @@ def test_several_active_adapters_are_summed_and_merged_ones_skipped():
 
 
 def test_names_filters_and_unsupported_layers_are_reported(caplog):
-    assert readable_name("base_model.model.bert.encoder.layer.0.attention.self.query") == "bert.encoder.layer.0.attention.self.query"
+    assert (
+        readable_name("base_model.model.bert.encoder.layer.0.attention.self.query")
+        == "bert.encoder.layer.0.attention.self.query"
+    )
     config = LoraConfig(r=4, target_modules=["query", "value", "word_embeddings"], use_dora=True)
     model = get_peft_model(tiny_bert(), config)
     matrices, skipped = find_lora_matrices(model, include=r"layer\.1\.")
@@ -94,7 +103,10 @@ def test_names_filters_and_unsupported_layers_are_reported(caplog):
         "bert.encoder.layer.1.attention.self.value",
     ]
     _, skipped = find_lora_matrices(model)
-    assert list(skipped) == ["bert.embeddings.word_embeddings"] and "DoRA on an Embedding" in skipped["bert.embeddings.word_embeddings"]
+    assert (
+        list(skipped) == ["bert.embeddings.word_embeddings"]
+        and "DoRA on an Embedding" in skipped["bert.embeddings.word_embeddings"]
+    )
     with caplog.at_level(logging.WARNING):
         SpectralMonitor(model, progress=False)
     assert "cannot measure" in caplog.text and "word_embeddings" in caplog.text
@@ -118,7 +130,9 @@ def peft_oracle_counts(model, top_k: int, epsilon: float) -> dict[str, int]:
 def test_counts_equal_peft_intruder_oracle(exact_below):
     model = get_peft_model(tiny_bert(hidden=128), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
     randomize_lora(model, scale=0.25, seed=3)
-    report = SpectralMonitor(model, epsilon=0.5, exact_below=exact_below, basis_dtype="float32", progress=False).measure(0)
+    report = SpectralMonitor(
+        model, epsilon=0.5, exact_below=exact_below, basis_dtype="float32", progress=False
+    ).measure(0)
     oracle = peft_oracle_counts(model, top_k=10, epsilon=0.5)
     ours = {name: layer.intruders for name, layer in report.layers.items()}
     assert ours == oracle

@@ -25,8 +25,20 @@ def load_example():
 def test_minilm_lora_counts_equal_float64_recount(tmp_path):
     example = load_example()
     trainer, callback, accuracy = example.main(
-        ["--output-dir", str(tmp_path), "--steps", "40", "--every", "20", "--lr", "5e-3", "--train-size", "640",
-         "--batch-size", "16"]
+        [
+            "--output-dir",
+            str(tmp_path),
+            "--steps",
+            "40",
+            "--every",
+            "20",
+            "--lr",
+            "5e-3",
+            "--train-size",
+            "640",
+            "--batch-size",
+            "16",
+        ]
     )
     assert trainer.state.global_step == 40
     assert len(callback.monitor.matrices) == 12  # query and value in 6 layers

@@ -52,7 +52,11 @@ def _reference_intruders(W0: torch.Tensor, W: torch.Tensor, eps: float = 0.5, k:
 @pytest.mark.parametrize("rslora", [False, True])
 def test_scaled_component_is_exactly_lambda_times(which, rslora):
     model = _lora_model(rslora=rslora)
-    base = {readable_name(n): m.get_base_layer().weight.detach().double() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    base = {
+        readable_name(n): m.get_base_layer().weight.detach().double()
+        for n, m in model.named_modules()
+        if isinstance(m, LoraLayer)
+    }
     before = _merged(model, "default")
     result = scale_intruders(model, lam=LAM, which=which)
     assert model.active_adapters == ["intruders_scaled"]

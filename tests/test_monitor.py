@@ -83,5 +83,5 @@ def test_unreadable_sharding_fails_at_construction():
             super().__init__()
             self.inner = inner
 
-    with pytest.raises(ValueError, match="FSDP1.*use FSDP2"):
+    with pytest.raises(ValueError, match=r"FSDP1.*use FSDP2"):
         SpectralMonitor(FullyShardedDataParallel(model), progress=False)

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from helpers import reference_counts, tiny_bert, tiny_gpt2
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from helpers import reference_counts, tiny_bert, tiny_gpt2
 from lora_spectral_callback import SpectralMonitor
 from lora_spectral_callback.layers import find_lora_matrices
 
@@ -62,13 +62,17 @@ def check_against_merge(peft_model: nn.Module, base_model: nn.Module, k: int = 1
         torch.testing.assert_close(dense, merged[matrix.name].double(), rtol=1e-5, atol=1e-6)
     for name in names:  # the top singular values are the merged weight's own
         S = torch.linalg.svdvals(merged[name].double())[:k]
-        torch.testing.assert_close(torch.tensor(report.layers[name].singular_values, dtype=torch.float64), S, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(report.layers[name].singular_values, dtype=torch.float64), S, rtol=1e-4, atol=1e-5
+        )
     return per_layer
 
 
 def test_dora_matches_merge_and_unload():
     base = tiny_bert(hidden=64)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], use_dora=True))
+    model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], use_dora=True)
+    )
     randomize_lora(model, scale=0.5)
     per_layer = check_against_merge(model, base)
     assert len(per_layer) == 4 and sum(per_layer.values()) > 0
@@ -147,7 +151,9 @@ def test_bitsandbytes_4bit_and_8bit_bases_are_dequantized():
     net.fc1.weight = bnb.nn.Params4bit(dense["fc1"], requires_grad=False, quant_type="nf4")._quantize("cpu")
     net.is_loaded_in_4bit = net.is_loaded_in_8bit = True  # what transformers sets; makes PEFT pick its bnb layers
     model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
-    assert [type(m).__module__ for m in (model.base_model.model.fc1, model.base_model.model.fc2)] == ["peft.tuners.lora.bnb"] * 2
+    assert [type(m).__module__ for m in (model.base_model.model.fc1, model.base_model.model.fc2)] == [
+        "peft.tuners.lora.bnb"
+    ] * 2
     randomize_lora(model, scale=0.5, seed=5)
 
     from peft.utils.integrations import dequantize_module_weight
@@ -161,7 +167,7 @@ def test_bitsandbytes_4bit_and_8bit_bases_are_dequantized():
     assert (base["fc1"] - dense["fc1"]).abs().max() > 1e-3  # really quantized: the recount uses the dequantized base
     monitor.snapshot()
     report = monitor.measure(step=0)
-    totals, per_layer = reference_counts(base, merged, EPS)
+    _totals, per_layer = reference_counts(base, merged, EPS)
     assert report.errors == {}
     assert {n: r.intruders for n, r in report.layers.items()} == per_layer
     assert sum(per_layer.values()) > 0

@@ -90,8 +90,14 @@ def iterative(p: Problem, oversample: int = 2):
         return (max_abs_cosine(U, basis)[None, :] - epsilons[:, None]).abs().amin(dim=0)
 
     svd = top_singular_triplets(
-        LowRankUpdatedMatrix(p.W0, p.B, p.A), p.k, basis[:, : p.k + oversample], oversample=oversample,
-        tol=1e-8, max_iter=2000, needed_accuracy=margin, generator=torch.Generator().manual_seed(0),
+        LowRankUpdatedMatrix(p.W0, p.B, p.A),
+        p.k,
+        basis[:, : p.k + oversample],
+        oversample=oversample,
+        tol=1e-8,
+        max_iter=2000,
+        needed_accuracy=margin,
+        generator=torch.Generator().manual_seed(0),
     )
     return max_abs_cosine(svd.U, basis), svd
 
@@ -140,7 +146,7 @@ def test_iterative_path_agrees_with_full_svd_within_its_error_bound(p):
 @PROPERTIES
 @given(problems(), st.booleans())
 def test_counts_in_range_and_monotone_in_epsilon(p, use_iterative):
-    max_cos, svd = iterative(p) if use_iterative else exact(p)
+    max_cos, _svd = iterative(p) if use_iterative else exact(p)
     k = min(p.k, *p.W0.shape)
     grid = [i / 20 for i in range(1, 20)]
     counts = count_intruders(max_cos, grid)
@@ -179,7 +185,13 @@ def test_shapes_reach_the_iterative_path_and_stay_orthonormal(shape):
     g = torch.Generator().manual_seed(1)
     m, n = shape
     W0 = torch.randn(m, n, generator=g, dtype=torch.float64)
-    p = Problem(W0, torch.randn(m, 2, generator=g, dtype=torch.float64), torch.randn(2, n, generator=g, dtype=torch.float64), 3, [0.5])
+    p = Problem(
+        W0,
+        torch.randn(m, 2, generator=g, dtype=torch.float64),
+        torch.randn(2, n, generator=g, dtype=torch.float64),
+        3,
+        [0.5],
+    )
     max_cos, svd = iterative(p, oversample=1)
     assert svd.converged and svd.iterations >= 2
     assert torch.allclose(svd.U.T @ svd.U, torch.eye(3, dtype=torch.float64), atol=1e-10)

@@ -8,12 +8,12 @@ import glob
 import time
 
 import pytest
-from torch import Tensor
-from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
 from helpers import reference_counts
-from lora_spectral_callback import LoRASpectralCallback
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from torch import Tensor
 from training import lora_bert, make_trainer, tensorboard_scalars
+
+from lora_spectral_callback import LoRASpectralCallback
 
 TAG = "spectral/intruders_total"
 
@@ -22,7 +22,8 @@ def base_weights(model) -> dict[str, Tensor]:
     """Pretrained weights by readable layer name, copied from a model that has not trained."""
     return {
         name.removeprefix("base_model.model."): module.get_base_layer().weight.detach().clone()
-        for name, module in model.named_modules() if hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
     }
 
 
@@ -45,7 +46,12 @@ def train(tmp_path, resume=None, restore_states=False, max_steps=8, save_steps=4
     """A fresh model and callback (as in a new process), optionally resuming from a checkpoint."""
     callback = LoRASpectralCallback(log_dir=str(tmp_path / "tb"), progress=False, **options)
     trainer = make_trainer(
-        tmp_path / "out", lora_bert(), [callback], max_steps=max_steps, save_strategy="steps", save_steps=save_steps,
+        tmp_path / "out",
+        lora_bert(),
+        [callback],
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
         restore_callback_states_from_checkpoint=restore_states,
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -55,10 +61,12 @@ def train(tmp_path, resume=None, restore_states=False, max_steps=8, save_steps=4
 @pytest.mark.parametrize("restore_states", [False, True], ids=["plain", "restore_callback_states"])
 def test_resume_continues_series_against_original_weights(tmp_path, restore_states):
     original = base_weights(lora_bert())
-    first, _ = train(tmp_path, every_n_steps=2)  # measures 0, 2, 4, 6, 8; checkpoint at 4 and 8
+    _first, _ = train(tmp_path, every_n_steps=2)  # measures 0, 2, 4, 6, 8; checkpoint at 4 and 8
     assert [s for s, _ in tensorboard_scalars(tmp_path / "tb", TAG)] == [0, 2, 4, 6, 8]
     time.sleep(1.1)  # event file names carry the time in seconds: keep the resumed run's file sorted after
-    second, callback = train(tmp_path, resume=str(tmp_path / "out" / "checkpoint-4"), restore_states=restore_states, every_n_steps=2)
+    second, callback = train(
+        tmp_path, resume=str(tmp_path / "out" / "checkpoint-4"), restore_states=restore_states, every_n_steps=2
+    )
     assert second.state.global_step == 8
 
     # Both runs wrote 6 and 8; the resumed run's writer purges the first run's events from step 5 on.
@@ -86,7 +94,13 @@ def test_resume_keeps_alert_patience(tmp_path, restore_states):
     assert first.state.global_step == 4 and callback.last_alert.step == 4
 
     alerts = []
-    second, callback = train(tmp_path, resume=str(tmp_path / "out" / "checkpoint-2"), restore_states=restore_states, on_alert=alerts.append, **options)
+    second, callback = train(
+        tmp_path,
+        resume=str(tmp_path / "out" / "checkpoint-2"),
+        restore_states=restore_states,
+        on_alert=alerts.append,
+        **options,
+    )
     # the resumed run measured once (step 4): without the restored wait=1 it could not have alerted
     assert [r.step for r in alerts] == [4] and callback.last_alert.step == 4
     assert second.state.global_step == 4

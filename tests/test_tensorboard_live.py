@@ -74,10 +74,21 @@ def test_spectral_scalars_appear_in_live_tensorboard_before_training_ends(tmp_pa
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     tensorboard = Path(sys.executable).with_name("tensorboard")
-    log = open(tmp_path / "tensorboard.log", "w")
+    log = open(tmp_path / "tensorboard.log", "w")  # noqa: SIM115 - the server writes to it until the test ends
     server = subprocess.Popen(
-        [str(tensorboard), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port), "--reload_interval", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            str(tensorboard),
+            "--logdir",
+            str(logdir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--reload_interval",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     worker = None
     gate = Gate(HOLD_AT_STEP)
@@ -87,21 +98,31 @@ def test_spectral_scalars_appear_in_live_tensorboard_before_training_ends(tmp_pa
         model = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
         callback = LoRASpectralCallback(every_n_steps=1, log_dir=str(logdir / "spectral"), progress=False)
         args = TrainingArguments(
-            output_dir=str(tmp_path / "out"), max_steps=5, per_device_train_batch_size=8, learning_rate=5e-2,
-            report_to=[], save_strategy="no", logging_steps=100, use_cpu=True, disable_tqdm=True,
+            output_dir=str(tmp_path / "out"),
+            max_steps=5,
+            per_device_train_batch_size=8,
+            learning_rate=5e-2,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=100,
+            use_cpu=True,
+            disable_tqdm=True,
         )
         trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=64), callbacks=[callback, gate])
         worker = threading.Thread(target=trainer.train, daemon=True)
         worker.start()
         assert gate.reached.wait(120), "training did not reach the gate"
 
-        tags = wait_for(lambda: get_json(f"{base}/data/plugin/scalars/tags").get("spectral"), 60, "spectral scalar tags")
+        tags = wait_for(
+            lambda: get_json(f"{base}/data/plugin/scalars/tags").get("spectral"), 60, "spectral scalar tags"
+        )
         assert TAG in tags and "spectral/effective_rank_mean" in tags
         assert "spectral/intruders/bert.encoder.layer.0.attention.self.query" in tags
         query = urllib.parse.urlencode({"run": "spectral", "tag": TAG})
         points = wait_for(
             lambda: (p := get_json(f"{base}/data/plugin/scalars/scalars?{query}")) and len(p) >= HOLD_AT_STEP + 1 and p,
-            60, "three measurements of intruders_total",
+            60,
+            "three measurements of intruders_total",
         )
         assert worker.is_alive() and trainer.state.global_step == HOLD_AT_STEP < args.max_steps  # still training
         logged = {e["step"]: e[TAG] for e in trainer.state.log_history if TAG in e}

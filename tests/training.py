@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from helpers import RandomTokens, tiny_bert
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
-
-from helpers import RandomTokens, tiny_bert
 
 
 def lora_bert(seed: int = 0, random_update: bool = True):
     """Tiny BERT with LoRA on query/value. ``random_update`` starts B random (not 0) with a large scale, so the
     update dominates the merged weights and every measurement has intruders (for alert tests)."""
     config = LoraConfig(
-        r=4, lora_alpha=64 if random_update else 8, target_modules=["query", "value"], task_type="SEQ_CLS",
+        r=4,
+        lora_alpha=64 if random_update else 8,
+        target_modules=["query", "value"],
+        task_type="SEQ_CLS",
         init_lora_weights=not random_update,
     )
     return get_peft_model(tiny_bert(hidden=32, layers=2, seed=seed), config)
@@ -20,12 +22,21 @@ def lora_bert(seed: int = 0, random_update: bool = True):
 
 def make_trainer(output_dir, model, callbacks: list[TrainerCallback], max_steps: int = 6, **args) -> Trainer:
     options = dict(
-        max_steps=max_steps, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[], use_cpu=True,
-        save_strategy="no", logging_steps=1000, disable_tqdm=True, seed=0,
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+        seed=0,
     )
     options.update(args)
     return Trainer(
-        model=model, args=TrainingArguments(str(output_dir), **options), train_dataset=RandomTokens(32),
+        model=model,
+        args=TrainingArguments(str(output_dir), **options),
+        train_dataset=RandomTokens(32),
         callbacks=callbacks,
     )
 
