@@ -6,18 +6,20 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from . import baseline
 from .alerts import Alert, IntruderThreshold
 from .background import BackgroundMeasurer
 from .distributed import any_rank
 from .figures import figure_layers, require_matplotlib
-from .full_finetune import load_baseline, save_baseline
-from .monitor import SpectralConfig, SpectralMonitor
+from .guard import FaultGuard
+from .monitor import SpectralConfig, SpectralMonitor, _is_int
 from .report import SpectralReport
-from .writers import MetricWriter, TensorBoardWriter, headline_metrics
+from .writers import GuardedWriter, TensorBoardWriter, headline_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +28,6 @@ __all__ = ["LoRASpectralCallback", "default_log_dir"]
 _HISTORY_KEY = "spectral/intruders_total"
 _WAIT_KEY = "spectral/alert_wait"
 _BASELINE_KEY = "spectral/baseline_fingerprint"  # full fine-tuning: which stored pretrained copies were used
-_BASELINE_FILE = "spectral_baseline.safetensors"
-_MAX_WRITE_FAILURES = 3  # consecutive failed TensorBoard writes before the writer is given up
-_FAILED = object()  # what _guarded returns when the guarded call failed
 
 
 def default_log_dir(output_dir: str) -> str:
@@ -91,73 +90,67 @@ class LoRASpectralCallback(TrainerCallback):
         asynchronous: bool = False,
         **options: Any,
     ) -> None:
-        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps <= 0:
+        if not _is_int(every_n_steps) or every_n_steps <= 0:
             raise ValueError(f"every_n_steps={every_n_steps!r} is invalid: must be an integer >= 1")
-        if on_alert is not None and not callable(on_alert):
-            raise ValueError(f"on_alert={on_alert!r} is invalid: must be a callable taking a SpectralReport")
+        for name, hook in (("on_alert", on_alert), ("forgetting_proxy", forgetting_proxy)):
+            if hook is not None and not callable(hook):
+                takes = "a SpectralReport" if name == "on_alert" else "the model"
+                raise ValueError(f"{name}={hook!r} is invalid: must be a callable taking {takes}")
         if image_every_n_measurements is not None:
-            if not isinstance(image_every_n_measurements, int) or image_every_n_measurements <= 0:
+            if not _is_int(image_every_n_measurements) or image_every_n_measurements <= 0:
                 raise ValueError(
                     f"image_every_n_measurements={image_every_n_measurements!r} is invalid: must be None or an integer >= 1"
                 )
             require_matplotlib("image_every_n_measurements")
+        if log_dir is not None:
+            _ensure_writable_dir(log_dir)
+        # configuration
         self.every_n_steps = every_n_steps
-        self.image_every_n_measurements = image_every_n_measurements
-        self.image_layers = image_layers
-        self._measurements = 0
         self.options = dict(options, top_k=top_k, epsilon=epsilon)
         self.config = SpectralConfig(**self.options)  # fail now, not at train start
         self.threshold = IntruderThreshold(max_intruders, max_intruders_per_layer, patience)
         self.stop_training = stop_training
         self.stop_on_nonfinite = stop_on_nonfinite
-        self.asynchronous = bool(asynchronous)
-        self._background: BackgroundMeasurer | None = None
         self.log_dir = log_dir
-        if log_dir is not None:
-            _ensure_writable_dir(log_dir)
         self.on_alert = on_alert
-        if forgetting_proxy is not None and not callable(forgetting_proxy):
-            raise ValueError(f"forgetting_proxy={forgetting_proxy!r} is invalid: must be a callable taking the model")
         self.forgetting_proxy = forgetting_proxy
+        self.asynchronous = bool(asynchronous)
+        self.image_every_n_measurements = image_every_n_measurements
+        self.image_layers = image_layers
+        self.guard = FaultGuard(self.config.strict)
+        # set up at train begin
         self.monitor: SpectralMonitor | None = None
-        self.writer: MetricWriter | None = None
+        self.writer: GuardedWriter | None = None
+        self.resolved_log_dir: str | None = None  # where the TensorBoard events went (main process)
+        self._background: BackgroundMeasurer | None = None
+        self._handler: Any = None  # the Trainer's CallbackHandler, to reach report_to integrations
+        # run state (a resumed run restores it from the log history)
         self.last_report: SpectralReport | None = None
         self.last_alert: Alert | None = None
         self.last_measured_step = -1
-        self.resolved_log_dir: str | None = None  # where the TensorBoard events went (main process)
-        self._handler = None
-        self._reported: set[tuple[str, str]] = set()
-        self._write_failures = 0
-        self._stop_requested = False
         self._baseline_fingerprint: str | None = None
+        self._measurements = 0
+        self._stop_requested = False
 
     # -- Trainer events --------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._handler = _calling_callback_handler(self)
-        model = kwargs.get("model")
         if self.monitor is None:
-            self.monitor = SpectralMonitor(model, **self.options)
-            self._adapt_to_sharding()
+            self.monitor = SpectralMonitor(kwargs["model"], **self.options)
+            self._adapt_to_sharding(self.monitor)
+        monitor = self.monitor
         self._restore_from_history(state)
         if state.is_world_process_zero:
-            if self.monitor.mode == "full":
-                self._full_finetune_baseline(args.output_dir)
-            self.monitor.snapshot()
+            resumed = self.last_measured_step >= 0
+            output_dir = args.output_dir or "."
+            self._baseline_fingerprint = baseline.save_or_restore(
+                monitor, output_dir, resumed, self._baseline_fingerprint
+            )
+            monitor.snapshot()
             if self.asynchronous and self._background is None:
-                self._background = BackgroundMeasurer(self.monitor)
+                self._background = BackgroundMeasurer(monitor)
             if self.writer is None:
-                log_dir = self.resolved_log_dir = self.log_dir or default_log_dir(args.output_dir)
-                _ensure_writable_dir(log_dir)
-                # The directory name is fixed, so a run continues the series: events an earlier run wrote after
-                # the last measurement this run restored (it went past the checkpoint; or all of them, for a new
-                # run in the same directory) are purged so no step repeats or goes backwards.
-                writer = self._guarded(
-                    "TensorBoard open", lambda: TensorBoardWriter(log_dir, self.last_measured_step + 1)
-                )
-                self.writer = None if writer is _FAILED else writer
-                self._write_failures = 0
-                if self.writer is not None:
-                    logger.info("lora-spectral-callback: TensorBoard logs in %s", log_dir)
+                self.writer = self._open_writer(self.log_dir or default_log_dir(output_dir))
         if self.last_measured_step < 0:  # a baseline, unless a resumed run's history already has one
             self._measure_and_act(args, state, control)
 
@@ -181,20 +174,20 @@ class LoRASpectralCallback(TrainerCallback):
         if self.monitor is not None and state.global_step > self.last_measured_step:
             self._measure_and_act(args, state, control, final=True)
         if self.writer is not None:
-            self._guarded("TensorBoard close", self.writer.close)
+            self.writer.close()
             self.writer = None
 
-    # -- internals -------------------------------------------------------------------------------------------
+    # -- measuring and acting ----------------------------------------------------------------------------------
     def _measure_and_act(self, args, state: TrainerState, control: TrainerControl, final: bool = False) -> None:
         """Measure on the main process, record, and make every rank agree on whether to stop."""
-        step = state.global_step
+        monitor, background, step = self._live_monitor, self._background, state.global_step
         self.last_measured_step = step
         stop = False
-        if state.is_world_process_zero and self._background is not None and not final:
-            self._guarded("measurement", lambda: self._background.submit(step))
-        elif state.is_world_process_zero or self.monitor.sharded:  # sharded: every rank takes part in the gathers
-            report = self._guarded("measurement", lambda: self.monitor.measure(step))
-            if report is not _FAILED and report is not None:
+        if state.is_world_process_zero and background is not None and not final:
+            self.guard("measurement", lambda: background.submit(step))
+        elif state.is_world_process_zero or monitor.sharded:  # sharded: every rank takes part in the gathers
+            report = self.guard("measurement", lambda: monitor.measure(step))
+            if isinstance(report, SpectralReport):
                 stop = self._handle(args, state, control, report, final)
         if not final:
             self._stop_requested = any_rank(stop) or self._stop_requested
@@ -202,86 +195,96 @@ class LoRASpectralCallback(TrainerCallback):
     def _deliver(self, args, state: TrainerState, control: TrainerControl, wait: bool) -> None:
         """Asynchronous mode: record and act on a finished background measurement. Every rank calls this at
         every step end so that a stop found on rank 0 reaches all ranks at the same step."""
+        background = self._background
         stop = False
-        if state.is_world_process_zero and self._background is not None:
-            report = self._guarded("measurement", lambda: self._background.collect(wait))
-            if report is not None and report is not _FAILED:
+        if state.is_world_process_zero and background is not None:
+            report = self.guard("measurement", lambda: background.collect(wait))
+            if isinstance(report, SpectralReport):
                 stop = self._handle(args, state, control, report, final=False)
         self._stop_requested = any_rank(stop) or self._stop_requested
 
     def _handle(self, args, state: TrainerState, control: TrainerControl, report: SpectralReport, final: bool) -> bool:
-        """Record a finished measurement (alerts, TensorBoard, log history, pictures); True means stop."""
-        self.last_report = report
-        stop = self._record_and_decide(args, state, control, report)
-        self._write_pictures(report, final or report.step >= state.max_steps > 0)
-        return stop
+        """Record a finished measurement: alert (hook first), write, log, draw. True means stop.
 
-    def _record_and_decide(self, args, state: TrainerState, control: TrainerControl, report: SpectralReport) -> bool:
-        """Alert (hook first), then write and log. A failing hook or writer is added to ``report.errors`` under
-        its own name, so ``spectral/errors`` counts it: in TensorBoard for a hook failure, in the log history
-        (and report_to integrations) for a write failure, which cannot reach TensorBoard at that step."""
+        A failing hook, proxy or writer is added to ``report.errors`` under its own name, so ``spectral/errors``
+        counts it: in TensorBoard for a hook failure, in the log history (and report_to integrations) for a write
+        failure, which cannot reach TensorBoard at that step."""
+        self.last_report = report
+        step = state.global_step if report.step is None else report.step  # the step it describes (asynchronous)
         alert = self.threshold.update(report)
         if alert is not None:
             self.last_alert = alert
             logger.warning("lora-spectral-callback: %s", alert.message())
-            if self.on_alert is not None:
-                self._guarded("on_alert hook", lambda: self.on_alert(report), report)
-        drift = {}
-        if self.forgetting_proxy is not None:  # before writing, so a failing proxy is counted in spectral/errors
-            drift = self._guarded("forgetting proxy", lambda: self.forgetting_proxy(self.monitor.model), report)
-            drift = {} if drift is _FAILED else drift
-        self._write(report)
-        if drift and self.writer is not None:
-            self._guarded("TensorBoard write", lambda: self.writer.write_scalars(drift, report.step))
-        logs = {**headline_metrics(report), **drift}
-        history = {**logs, _WAIT_KEY: self.threshold.wait, "step": report.step}
-        if self._baseline_fingerprint is not None:
-            history[_BASELINE_KEY] = self._baseline_fingerprint
-        state.log_history.append(history)
-        if self._handler is not None:  # lets report_to integrations (W&B, MLflow, ...) see the numbers
-            # CallbackHandler.on_log clears control.should_log; on rank 0 only, that would skip the Trainer's own
-            # logging step, whose loss gather is a collective under DDP: the ranks then deadlock or crash.
-            should_log = control.should_log
-            self._guarded("Trainer log", lambda: self._handler.on_log(args, state, control, dict(logs)))
-            control.should_log = should_log
+            on_alert = self.on_alert
+            if on_alert is not None:
+                self.guard("on_alert hook", lambda: on_alert(report), report)
+        drift = self._forgetting(report)  # before writing, so a failing proxy is counted in spectral/errors
+        if self.writer is not None:
+            self.writer.write(report, step)
+            self.writer.write_scalars(drift, step)
+        self._log(args, state, control, {**headline_metrics(report), **drift}, step)
+        self._write_pictures(report, step, final or step >= state.max_steps > 0)
         if alert is None:
             return False
         return (alert.nonfinite and self.stop_on_nonfinite) or (not alert.nonfinite and self.stop_training)
 
-    def _write(self, report: SpectralReport) -> None:
-        """Write to TensorBoard; after a failure the writer retries (reopening its file) at the next measurement,
-        and after ``_MAX_WRITE_FAILURES`` consecutive failures it is dropped for the rest of the run."""
-        if self.writer is None:
-            return
-        if self._guarded("TensorBoard write", lambda: self.writer.write(report, report.step), report) is not _FAILED:
-            self._write_failures = 0
-            return
-        self._write_failures += 1
-        if self._write_failures >= _MAX_WRITE_FAILURES:
-            logger.warning(
-                "lora-spectral-callback: TensorBoard writing disabled after %d consecutive failures; measurements "
-                "continue in the Trainer's log history",
-                self._write_failures,
-            )
-            self._guarded("TensorBoard close", self.writer.close)
-            self.writer = None
+    def _forgetting(self, report: SpectralReport) -> dict[str, float]:
+        proxy, model = self.forgetting_proxy, self._live_monitor.model
+        if proxy is None:
+            return {}
+        drift = self.guard("forgetting proxy", lambda: proxy(model), report)
+        return drift if isinstance(drift, dict) else {}
 
-    def _write_pictures(self, report: SpectralReport, final: bool) -> None:
+    def _log(self, args, state: TrainerState, control: TrainerControl, logs: dict[str, float], step: int) -> None:
+        """Append to the Trainer's log history (with what a resumed run needs back) and pass the numbers to the
+        report_to integrations (W&B, MLflow, ...) through the Trainer's own ``on_log`` event."""
+        history: dict[str, Any] = {**logs, _WAIT_KEY: self.threshold.wait, "step": step}
+        if self._baseline_fingerprint is not None:
+            history[_BASELINE_KEY] = self._baseline_fingerprint
+        state.log_history.append(history)
+        handler = self._handler
+        if handler is not None:
+            # CallbackHandler.on_log clears control.should_log; on rank 0 only, that would skip the Trainer's own
+            # logging step, whose loss gather is a collective under DDP: the ranks then deadlock or crash.
+            should_log = control.should_log
+            self.guard("Trainer log", lambda: handler.on_log(args, state, control, dict(logs)))
+            control.should_log = should_log
+
+    def _write_pictures(self, report: SpectralReport, step: int, final: bool) -> None:
         every = self.image_every_n_measurements
         due = every is not None and (final or self._measurements % every == 0)
         self._measurements += 1
         if due and self.writer is not None:
             names = figure_layers(report, self.image_layers)
-            self._guarded(
-                "TensorBoard pictures",
-                lambda: self.writer.write_figures(report, self.monitor.spectra(names), report.step),
-            )
+            spectra = self.guard("TensorBoard pictures", lambda: self._live_monitor.spectra(names))
+            if isinstance(spectra, dict):
+                self.writer.write_figures(report, spectra, step)
 
-    def _adapt_to_sharding(self) -> None:
+    # -- set-up ------------------------------------------------------------------------------------------------
+    @property
+    def _live_monitor(self) -> SpectralMonitor:
+        if self.monitor is None:
+            raise RuntimeError("LoRASpectralCallback has not seen on_train_begin yet")
+        return self.monitor
+
+    def _open_writer(self, log_dir: str) -> GuardedWriter | None:
+        """The TensorBoard writer, or None if it cannot be opened (training goes on; numbers still reach the log
+        history). The directory name is fixed, so a run continues the series: events an earlier run wrote after the
+        last measurement this run restored (past its checkpoint; or all of them, for a new run in the same
+        directory) are purged so that no step repeats or goes backwards."""
+        self.resolved_log_dir = log_dir
+        _ensure_writable_dir(log_dir)
+        writer = self.guard("TensorBoard open", lambda: TensorBoardWriter(log_dir, self.last_measured_step + 1))
+        if not isinstance(writer, TensorBoardWriter):
+            return None
+        logger.info("lora-spectral-callback: TensorBoard logs in %s", log_dir)
+        return GuardedWriter(writer, self.guard)
+
+    def _adapt_to_sharding(self, monitor: SpectralMonitor) -> None:
         """With sharded weights every measurement is a collective run in step with training on all ranks, so the
         two features that would touch the weights on rank 0 alone (a gather, or a forward pass: both collectives)
         are turned off, loudly."""
-        if not self.monitor.sharded:
+        if not monitor.sharded:
             return
         why = "the model's weights are sharded, and on rank 0 alone it would run collectives the other ranks never join"
         if self.asynchronous:
@@ -291,21 +294,10 @@ class LoRASpectralCallback(TrainerCallback):
             logger.warning("lora-spectral-callback: the forgetting proxy is off: %s", why)
             self.forgetting_proxy = None
 
-    def _full_finetune_baseline(self, output_dir: str) -> None:
-        """Full fine-tuning compares against copies of weights that training changes: the first run saves them
-        beside its checkpoints, and a resumed run (whose model is already fine-tuned) reads them back, checked
-        against the fingerprint in its log history; a missing or different baseline is a clear error."""
-        path = os.path.join(output_dir, _BASELINE_FILE)
-        if self.last_measured_step >= 0:
-            load_baseline(self.monitor.matrices, path, self._baseline_fingerprint, self.monitor.keep_copy)
-        else:
-            os.makedirs(output_dir, exist_ok=True)
-            self._baseline_fingerprint = save_baseline(self.monitor.matrices, path)
-
     def _restore_from_history(self, state: TrainerState) -> None:
-        """A resumed run continues the series: last measured step and patience come back from the log history,
-        which the Trainer restores from ``trainer_state.json`` whether or not callback states are restored.
-        A new run (empty history) starts afresh even if this callback object was used before."""
+        """A resumed run continues the series: last measured step, patience and the baseline fingerprint come back
+        from the log history, which the Trainer restores from ``trainer_state.json`` whether or not callback
+        states are restored. A new run (empty history) starts afresh even if this callback object was used before."""
         self.last_measured_step = -1
         self.threshold.load_state_dict({"wait": 0})
         self._baseline_fingerprint = None
@@ -313,25 +305,9 @@ class LoRASpectralCallback(TrainerCallback):
             if _HISTORY_KEY in entry:
                 self.last_measured_step = int(entry["step"])
                 self.threshold.load_state_dict({"wait": entry.get(_WAIT_KEY, 0)})
-                self._baseline_fingerprint = entry.get(_BASELINE_KEY)
+                fingerprint = entry.get(_BASELINE_KEY)
+                self._baseline_fingerprint = None if fingerprint is None else str(fingerprint)
                 return
-
-    def _guarded(self, what: str, fn: Callable[[], Any], report: SpectralReport | None = None) -> Any:
-        """Run ``fn``; a failure is logged once per (what, error type), recorded in ``report.errors`` and
-        swallowed, returning ``_FAILED`` (re-raised with ``strict=True``): monitoring must not take the
-        training run down."""
-        try:
-            return fn()
-        except Exception as err:
-            if self.config.strict:
-                raise
-            reason = f"{type(err).__name__}: {err}"
-            if report is not None:
-                report.errors[what] = reason
-            if (what, type(err).__name__) not in self._reported:
-                self._reported.add((what, type(err).__name__))
-                logger.warning("lora-spectral-callback: %s failed and was skipped (logged once): %s", what, reason)
-            return _FAILED
 
 
 def _calling_callback_handler(callback: TrainerCallback) -> Any:
@@ -340,7 +316,7 @@ def _calling_callback_handler(callback: TrainerCallback) -> Any:
     Callbacks are not handed the Trainer, yet its ``on_log`` event is how report_to integrations receive
     metrics; the handler is the caller of our event methods, so we look a few frames up for it.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(8):
         if frame is None:
             return None

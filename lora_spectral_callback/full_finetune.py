@@ -13,7 +13,6 @@ A :class:`DenseMatrix` implements the same small interface as :class:`~.layers.M
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -24,7 +23,7 @@ from .layers import selected
 from .linalg import LowRankUpdatedMatrix
 from .sharding import full, module_is_sharded
 
-__all__ = ["DenseMatrix", "dense_layers", "find_dense_matrices", "weight_matrix", "save_baseline", "load_baseline"]
+__all__ = ["DenseMatrix", "dense_layers", "find_dense_matrices", "weight_matrix"]
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
@@ -122,46 +121,3 @@ def dense_layers(
     """``(module path, module)`` of every plain layer full mode can monitor, filtered by the regexes; reads no
     weight (so it never gathers a shard)."""
     return [(name, m) for name, m in model.named_modules() if _is_dense_layer(m) and selected(name, include, exclude)]
-
-
-def baseline_fingerprint(matrices: list[DenseMatrix]) -> str:
-    """One hash over every stored pretrained copy: a resumed run checks it measures against the same baseline."""
-    from .basis_store import weight_fingerprint
-
-    return weight_fingerprint(*(m.pretrained for m in matrices))
-
-
-def save_baseline(matrices: list[DenseMatrix], path: str) -> str:
-    """Write the pretrained copies to ``path`` (safetensors); returns their fingerprint.
-
-    A full fine-tune changes the very weights it is compared against, so a run resumed from a checkpoint cannot
-    take the copies again: it must read the ones the first run saved."""
-    from safetensors.torch import save_file
-
-    fingerprint = baseline_fingerprint(matrices)
-    save_file({m.name: m.pretrained.contiguous() for m in matrices}, path, metadata={"fingerprint": fingerprint})
-    return fingerprint
-
-
-def load_baseline(matrices: list[DenseMatrix], path: str, fingerprint: str, keep: Keep | None = None) -> None:
-    """Replace the copies taken from the (resumed, already fine-tuned) model by the first run's, after checking
-    they are the baseline the run's history was measured against."""
-    from safetensors import safe_open
-
-    if not os.path.exists(path):
-        raise ValueError(
-            f"resuming a full fine-tune needs the pretrained baseline the first run saved at {path!r}, which is "
-            "missing: without it the monitor would compare the fine-tuned weights with themselves"
-        )
-    with safe_open(path, "pt") as stored:  # one layer at a time: with keep= on disk, never the whole baseline in RAM
-        names = set(stored.keys())
-        for m in matrices:
-            if m.name not in names or tuple(stored.get_slice(m.name).get_shape()) != tuple(m.pretrained.shape):
-                raise ValueError(f"the pretrained baseline at {path!r} does not match the monitored layer {m.name}")
-            copy = stored.get_tensor(m.name).to(m.pretrained.device, m.pretrained.dtype)
-            m.pretrained = copy if keep is None else keep(copy)
-    if baseline_fingerprint(matrices) != fingerprint:
-        raise ValueError(
-            f"the pretrained baseline at {path!r} is not the one this run's history was measured against "
-            "(fingerprint mismatch): it was overwritten by another run"
-        )

@@ -167,6 +167,10 @@ class CapturedMatrix:
 
     update_singular_values = MonitoredMatrix.update_singular_values  # same computation on the copied factors
 
+    def capture(self) -> CapturedMatrix:
+        """Already a frozen copy."""
+        return self
+
     def operator(self, W0: Tensor) -> LowRankUpdatedMatrix:
         return merged_operator(W0, self.update_factors(W0.dtype, W0.device), self.magnitude)
 

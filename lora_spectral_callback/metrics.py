@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -56,6 +57,10 @@ def max_abs_cosine(U: Tensor, U0: Tensor, chunk: int = 1024) -> Tensor:
     return best
 
 
+@overload
+def count_intruders(max_cos: Tensor, epsilon: float) -> int: ...
+@overload
+def count_intruders(max_cos: Tensor, epsilon: Sequence[float]) -> dict[float, int]: ...
 def count_intruders(max_cos: Tensor, epsilon: float | Sequence[float]) -> int | dict[float, int]:
     """Paper Def. 3.1: a top singular vector is an intruder iff its max |cos| is strictly below ``epsilon``.
 

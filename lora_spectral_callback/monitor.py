@@ -18,8 +18,10 @@ from torch import Tensor, nn
 from .basis_store import BasisStore
 from .distributed import is_main_process
 from .full_finetune import DenseMatrix, dense_layers, find_dense_matrices
-from .layers import CapturedMatrix, MonitoredMatrix, describe_skipped, find_lora_matrices, has_peft_layers
+from .guard import FaultGuard
+from .layers import describe_skipped, find_lora_matrices, has_peft_layers
 from .linalg import TopSVD, exact_top_singular_triplets, top_singular_triplets
+from .matrix import WeightMatrix
 from .metrics import (
     basis_rounding_error,
     count_intruders,
@@ -152,6 +154,18 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+@dataclass
+class LayerState:
+    """What the monitor keeps about one matrix between measurements."""
+
+    basis: Tensor | None = None  # thin left singular basis of the pretrained weight (basis_dtype, basis_device)
+    pretrained_sv: Tensor | None = None  # its singular values (float64, CPU), from the same SVD: pictures
+    shape: torch.Size | None = None  # the pretrained weight's shape: a layer that changed shape is refused
+    snapshot_error: tuple[type[Exception], str] | None = None  # why the snapshot failed (retried next snapshot)
+    warm_start: Tensor | None = None  # the last solver block: seeds the next measurement
+    last_vectors: Tensor | None = None  # the last top-k left singular vectors: pictures
+
+
 class SpectralMonitor:
     """Measures intruder dimensions, effective rank and top singular values of every LoRA-merged weight.
 
@@ -172,16 +186,17 @@ class SpectralMonitor:
         if cfg.mode == "auto":
             self.mode = "lora" if has_peft_layers(model) or cfg.include is None else "full"
         self._store = BasisStore(_DTYPES[cfg.basis_dtype], cfg.basis_device, cfg.basis_cache_dir)
-        self.matrices: list[MonitoredMatrix | DenseMatrix]
+        self.matrices: list[WeightMatrix]
         if self.mode == "full":
             copy_device = "cpu" if self._store.on_disk else cfg.basis_device
             keep = self.keep_copy
             if module_is_sharded(model) and not is_main_process():
                 keep = _shape_only  # only the main process measures a sharded model: gather each copy, keep none
-            self.matrices = find_dense_matrices(
+            dense = find_dense_matrices(
                 model, cfg.include, cfg.exclude, _DTYPES[cfg.weight_copy_dtype], copy_device, keep
             )
-            copied = sum(m.copy_bytes() for m in self.matrices)
+            self.matrices = list(dense)
+            copied = sum(m.copy_bytes() for m in dense)
             log = logger.warning if cfg.mode == "auto" else logger.info  # say so loudly if it was not asked for
             log(
                 "lora-spectral-callback: %sfull fine-tuning mode: %d matrices, %.1f MB of pretrained weight copies%s",
@@ -191,21 +206,17 @@ class SpectralMonitor:
                 ", memory-mapped from disk" if self._store.on_disk else "",
             )
         else:
-            self.matrices, skipped = find_lora_matrices(model, cfg.include, cfg.exclude)
+            lora, skipped = find_lora_matrices(model, cfg.include, cfg.exclude)
+            self.matrices = list(lora)
             if skipped:
                 logger.warning(
                     "lora-spectral-callback cannot measure these LoRA layers yet: %s", describe_skipped(skipped)
                 )
         if not self.matrices:
             raise ValueError(_nothing_to_monitor(model, self.mode, cfg.include, cfg.exclude))
-        self._basis: dict[str, Tensor] = {}
-        self._shapes: dict[str, torch.Size] = {}
-        self._snapshot_errors: dict[str, tuple[type[Exception], str]] = {}
-        self._warm_start: dict[str, Tensor] = {}
-        self._last_vectors: dict[str, Tensor] = {}  # top-k left singular vectors of the last measurement
-        self._pretrained_sv: dict[str, Tensor] = {}  # singular values of each pretrained weight, from the snapshot
+        self._layers = {m.name: LayerState() for m in self.matrices}
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._reported: set[tuple[str, str]] = set()
+        self._guard = FaultGuard(cfg.strict)
 
     # -- snapshot -------------------------------------------------------------------------------------------
     @property
@@ -232,7 +243,7 @@ class SpectralMonitor:
         ``measure`` reports the reason under that layer (``strict=True`` re-raises instead). With sharded weights
         this does nothing: ``measure`` snapshots each matrix from the copy it gathers on every rank.
         """
-        todo = [m for m in self.matrices if m.name not in self._basis]
+        todo = [m for m in self.matrices if self._layers[m.name].basis is None]
         if not todo or self.sharded:
             return
         from tqdm.auto import tqdm
@@ -240,23 +251,24 @@ class SpectralMonitor:
         for matrix in tqdm(todo, desc="spectral snapshot", disable=not self.config.progress, leave=False):
             self._snapshot_one(matrix)
 
-    def _snapshot_one(self, matrix: MonitoredMatrix | CapturedMatrix | DenseMatrix) -> None:
+    def _snapshot_one(self, matrix: WeightMatrix) -> None:
+        state = self._layers[matrix.name]
         try:
             with torch.no_grad():
                 W0 = matrix.base_weight().detach().to(self.compute_dtype)
                 if not torch.isfinite(W0).all():
                     raise _NonFinite("pretrained weight contains NaN or Inf")
-                self._basis[matrix.name], self._pretrained_sv[matrix.name] = self._store.basis(W0)
-                self._shapes[matrix.name] = W0.shape
-                self._snapshot_errors.pop(matrix.name, None)
+                state.basis, state.pretrained_sv = self._store.basis(W0)
+                state.shape = W0.shape
+                state.snapshot_error = None
         except Exception as err:
             if self.config.strict and not isinstance(err, _NonFinite):
                 raise
             # Kept as text: holding the exception would keep its traceback's (device) tensors alive.
             if isinstance(err, _NonFinite):
-                self._snapshot_errors[matrix.name] = (_NonFinite, str(err))
+                state.snapshot_error = (_NonFinite, str(err))
             else:
-                self._snapshot_errors[matrix.name] = (
+                state.snapshot_error = (
                     RuntimeError,
                     f"pretrained snapshot failed: {type(err).__name__}: {err}",
                 )
@@ -265,16 +277,14 @@ class SpectralMonitor:
         """Memory held for the pretrained bases (0 when memory-mapped from disk: only droppable page cache)."""
         if self._store.on_disk:
             return 0
-        return sum(b.numel() * b.element_size() for b in self._basis.values())
+        return sum(s.basis.numel() * s.basis.element_size() for s in self._layers.values() if s.basis is not None)
 
     # -- measurement ----------------------------------------------------------------------------------------
-    def capture(self) -> list[CapturedMatrix | DenseMatrix]:
+    def capture(self) -> list[WeightMatrix]:
         """The current state of every monitored matrix, copied, to ``measure`` later (see ``background``)."""
         return [matrix.capture() for matrix in self.matrices]
 
-    def measure(
-        self, step: int | None = None, matrices: Sequence[MonitoredMatrix | CapturedMatrix] | None = None
-    ) -> SpectralReport | None:
+    def measure(self, step: int | None = None, matrices: Sequence[WeightMatrix] | None = None) -> SpectralReport | None:
         """Measure every monitored matrix (or the ``capture()``-d copies given); a layer that fails is recorded in
         ``errors`` and skipped.
 
@@ -303,10 +313,11 @@ class SpectralMonitor:
             for item in gathered:  # only left over after a raise
                 del item
 
-    def _gathered(self) -> Iterator[CapturedMatrix | DenseMatrix | _GatherFailed]:
+    def _gathered(self) -> Iterator[WeightMatrix | _GatherFailed]:
         """Each monitored matrix in turn, gathered on every rank; a failure after its gathers becomes an item, so
         every rank still goes on to the next matrix. One gathered matrix is alive at a time."""
         for matrix in self.matrices:
+            item: WeightMatrix | _GatherFailed
             try:
                 item = matrix.capture()
             except Exception as err:
@@ -317,7 +328,7 @@ class SpectralMonitor:
     def _measure(
         self,
         step: int | None,
-        matrices: Iterable[MonitoredMatrix | CapturedMatrix | DenseMatrix],
+        matrices: Iterable[WeightMatrix | _GatherFailed],
         snapshot_each: bool = False,
     ) -> SpectralReport:
         start = time.perf_counter()
@@ -326,37 +337,35 @@ class SpectralMonitor:
         nonfinite: list[str] = []
         present = {id(module) for module in self.model.modules()}
         for matrix in matrices:
-            if snapshot_each and matrix.name not in self._basis and not isinstance(matrix, _GatherFailed):
+            state = self._layers[matrix.name]
+            if snapshot_each and state.basis is None and not isinstance(matrix, _GatherFailed):
                 self._snapshot_one(matrix)  # from the gathered copy (sharded weights): snapshot() skipped them
             try:
                 if isinstance(matrix, _GatherFailed):
                     raise RuntimeError(f"gathering the sharded weights failed: {matrix.error}")
                 if id(matrix.module) not in present:
                     raise RuntimeError("layer is no longer part of the model (removed or replaced since the snapshot)")
-                if matrix.name in self._snapshot_errors:
-                    kind, message = self._snapshot_errors[matrix.name]
+                if state.snapshot_error is not None:
+                    kind, message = state.snapshot_error
                     raise kind(message)
                 layers[matrix.name] = self.measure_matrix(matrix)
             except _NonFinite as err:
                 nonfinite.append(matrix.name)
                 errors[matrix.name] = str(err)
-                self._log_once(matrix.name, "nonfinite", f"{matrix.name}: {err}")
+                self._guard.warn_once((matrix.name, "nonfinite"), f"{matrix.name}: {err}")
             except Exception as err:  # monitoring must never take the training run down
                 if self.config.strict:
                     raise
                 errors[matrix.name] = f"{type(err).__name__}: {err}"
-                self._log_once(
-                    matrix.name,
-                    type(err).__name__,
-                    f"skipping {matrix.name} in this measurement: {errors[matrix.name]}",
-                )
+                message = f"skipping {matrix.name} in this measurement: {errors[matrix.name]}"
+                self._guard.warn_once((matrix.name, type(err).__name__), message)
             del matrix  # a gathered copy goes before the next one is gathered
         return SpectralReport.from_layers(
             step, list(self.config.epsilons), layers, errors, nonfinite, time.perf_counter() - start
         )
 
     @torch.no_grad()
-    def measure_matrix(self, matrix: MonitoredMatrix | CapturedMatrix | DenseMatrix) -> LayerReport:
+    def measure_matrix(self, matrix: WeightMatrix) -> LayerReport:
         """Top-k singular triplets of one merged weight, their max |cos| with the pretrained basis, and ranks."""
         cfg = self.config
         t0 = time.perf_counter()
@@ -375,9 +384,7 @@ class SpectralMonitor:
             seconds=time.perf_counter() - t0,
         )
 
-    def _update_effective_rank(
-        self, matrix: MonitoredMatrix | CapturedMatrix | DenseMatrix, device: torch.device
-    ) -> float:
+    def _update_effective_rank(self, matrix: WeightMatrix, device: torch.device) -> float:
         """Effective rank of the update: exact for LoRA (an r x r SVD); for a full fine-tune's dense update an
         exact float64 ``svdvals``, or the stochastic Lanczos estimate when ``effective_rank_method="estimate"``."""
         if isinstance(matrix, DenseMatrix) and self.config.effective_rank_method == "estimate":
@@ -386,26 +393,27 @@ class SpectralMonitor:
         return effective_rank(update_sv) if update_sv is not None else 0.0
 
     @torch.no_grad()
-    def decompose(self, matrix: MonitoredMatrix | CapturedMatrix | DenseMatrix) -> tuple[TopSVD, Tensor, int]:
+    def decompose(self, matrix: WeightMatrix) -> tuple[TopSVD, Tensor, int]:
         """The detection step shared by measurement and mitigation: top-k singular triplets of one merged weight
         (in ``compute_dtype``), each left vector's max |cos| with the pretrained basis, and how many of those
         cosines lie closer to a threshold than their error bound."""
         cfg = self.config
-        basis = self._basis[matrix.name]
+        state = self._layers[matrix.name]
+        basis = state.basis
+        if basis is None or state.shape is None:
+            raise RuntimeError("no pretrained snapshot of this layer: call snapshot() first")
         W0 = matrix.base_weight().detach()
-        if W0.shape != self._shapes[matrix.name]:
-            raise ValueError(
-                f"weight shape {tuple(W0.shape)} no longer matches the snapshot {tuple(self._shapes[matrix.name])}"
-            )
+        if W0.shape != state.shape:
+            raise ValueError(f"weight shape {tuple(W0.shape)} no longer matches the snapshot {tuple(state.shape)}")
         W0 = W0.to(self.compute_dtype)
         if not torch.isfinite(W0).all():
             raise _NonFinite("base weight contains NaN or Inf")
         op = matrix.operator(W0)
-        if op.B is not None and not (torch.isfinite(op.B).all() and torch.isfinite(op.A).all()):
+        if op.B is not None and op.A is not None and not (torch.isfinite(op.B).all() and torch.isfinite(op.A).all()):
             raise _NonFinite("LoRA factors contain NaN or Inf")
         if op.row_scale is not None and not torch.isfinite(op.row_scale).all():
             raise _NonFinite("DoRA row scale contains NaN or Inf")
-        if isinstance(matrix, DenseMatrix) and not torch.isfinite(op.W0).all():
+        if op.W0 is not W0 and not torch.isfinite(op.W0).all():  # a dense merged weight (full fine-tuning)
             raise _NonFinite("fine-tuned weight contains NaN or Inf")
 
         slack = basis_rounding_error(basis.dtype)
@@ -420,7 +428,7 @@ class SpectralMonitor:
         if min(op.shape) <= cfg.exact_below:
             svd = exact_top_singular_triplets(op, cfg.top_k)
         else:
-            start = self._warm_start.get(matrix.name)
+            start = state.warm_start
             if start is None or start.shape[0] != op.shape[0]:
                 start = basis[:, : cfg.top_k + cfg.oversample].to(W0.device, W0.dtype)
             svd = top_singular_triplets(
@@ -433,8 +441,8 @@ class SpectralMonitor:
                 needed_accuracy=margin,
                 generator=self._generator(W0.device),
             )
-            self._warm_start[matrix.name] = svd.block
-        self._last_vectors[matrix.name] = svd.U
+            state.warm_start = svd.block
+        state.last_vectors = svd.U
         max_cos = max_abs_cosine(svd.U, basis)
         if not torch.isfinite(svd.S).all():
             raise _NonFinite("merged weight has non-finite singular values")
@@ -449,10 +457,14 @@ class SpectralMonitor:
         """
         n = n_pretrained or 2 * self.config.top_k
         out: dict[str, LayerSpectra] = {}
-        for name in self._last_vectors if names is None else names:
-            U, basis = self._last_vectors[name], self._basis[name]
+        measured = [name for name, state in self._layers.items() if state.last_vectors is not None]
+        for name in measured if names is None else names:
+            state = self._layers[name]
+            U, basis, sv = state.last_vectors, state.basis, state.pretrained_sv
+            if U is None or basis is None or sv is None:
+                raise ValueError(f"layer {name!r} has not been measured yet")
             cos = (basis[:, :n].to(U.device, U.dtype).T @ U).abs().T  # (k, n)
-            out[name] = LayerSpectra(cos.tolist(), self._pretrained_sv[name][:n].tolist())
+            out[name] = LayerSpectra(cos.tolist(), sv[:n].tolist())
         return out
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -460,11 +472,6 @@ class SpectralMonitor:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.config.seed)
         return self._generators[device]
-
-    def _log_once(self, name: str, kind: str, message: str) -> None:
-        if (name, kind) not in self._reported:
-            self._reported.add((name, kind))
-            logger.warning("lora-spectral-callback: %s", message)
 
 
 def _nothing_to_monitor(model: nn.Module, mode: str, include: str | None, exclude: str | None) -> str:

@@ -14,12 +14,19 @@ Tags (``<layer>`` is the readable module path, ``<eps>`` formatted with ``%g``):
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+from typing import TYPE_CHECKING, Protocol
 
 from .figures import summary_markdown
+from .guard import FAILED, FaultGuard
 from .report import LayerSpectra, SpectralReport
 
-__all__ = ["MetricWriter", "TensorBoardWriter", "scalar_metrics", "headline_metrics"]
+__all__ = ["GuardedWriter", "MetricWriter", "TensorBoardWriter", "headline_metrics", "scalar_metrics"]
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+logger = logging.getLogger(__name__)
 
 
 def headline_metrics(report: SpectralReport) -> dict[str, float]:
@@ -53,7 +60,62 @@ class MetricWriter(Protocol):
 
     def write_scalars(self, scalars: dict[str, float], step: int) -> None: ...
 
+    def write_figures(self, report: SpectralReport, spectra: dict[str, LayerSpectra], step: int) -> None: ...
+
     def close(self) -> None: ...
+
+
+class GuardedWriter:
+    """A :class:`MetricWriter` whose failures never reach the training run.
+
+    Every call goes through a :class:`~.guard.FaultGuard` (logged once, recorded in the report's ``errors``, so
+    ``spectral/errors`` in the log history counts a write that could not reach the writer itself). A writer that
+    fails ``max_failures`` reports in a row (a disk that stays full) is closed and dropped for the rest of the run;
+    ``alive`` tells. ``label`` names the backend in messages ("TensorBoard write failed ...").
+    """
+
+    def __init__(self, writer: MetricWriter, guard: FaultGuard, label: str = "TensorBoard", max_failures: int = 3):
+        self._writer: MetricWriter | None = writer
+        self._guard = guard
+        self.label = label
+        self.max_failures = max_failures
+        self._failures = 0
+
+    @property
+    def alive(self) -> bool:
+        return self._writer is not None
+
+    def write(self, report: SpectralReport, step: int) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        if self._guard(f"{self.label} write", lambda: writer.write(report, step), report) is not FAILED:
+            self._failures = 0
+            return
+        self._failures += 1
+        if self._failures >= self.max_failures:
+            logger.warning(
+                "lora-spectral-callback: %s writing disabled after %d consecutive failures; measurements "
+                "continue in the Trainer's log history",
+                self.label,
+                self._failures,
+            )
+            self.close()
+
+    def write_scalars(self, scalars: dict[str, float], step: int) -> None:
+        writer = self._writer
+        if writer is not None and scalars:
+            self._guard(f"{self.label} write", lambda: writer.write_scalars(scalars, step))
+
+    def write_figures(self, report: SpectralReport, spectra: dict[str, LayerSpectra], step: int) -> None:
+        writer = self._writer
+        if writer is not None:
+            self._guard(f"{self.label} pictures", lambda: writer.write_figures(report, spectra, step))
+
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._guard(f"{self.label} close", writer.close)
 
 
 class TensorBoardWriter:
@@ -68,22 +130,20 @@ class TensorBoardWriter:
     def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
         self.log_dir = log_dir
         self._purge_step = purge_step
-        self._writer = None
+        self._writer = self._open()
         self._broken = False
-        self._open()
 
-    def _open(self) -> None:
+    def _open(self) -> SummaryWriter:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=self.log_dir, purge_step=self._purge_step)
-        self._broken = False
+        return SummaryWriter(log_dir=self.log_dir, purge_step=self._purge_step)
 
     def write(self, report: SpectralReport, step: int) -> None:
         import numpy as np
 
         if self._broken:
             self.close()
-            self._open()
+            self._writer, self._broken = self._open(), False
         try:
             for tag, value in scalar_metrics(report).items():
                 self._writer.add_scalar(tag, value, step)

@@ -62,8 +62,8 @@ def test_cache_hit_on_second_monitor_runs_no_svd(tmp_path, monkeypatch):
     second = SpectralMonitor(model, basis_cache_dir=str(tmp_path), progress=False)  # in-memory, same cache
     second.snapshot()
     assert len(calls) == n_layers and second._store.computed == 0
-    for name, U0 in first._basis.items():
-        assert torch.equal(U0, second._basis[name])
+    for name, state in first._layers.items():
+        assert torch.equal(state.basis, second._layers[name].basis)
 
 
 def test_memory_map_reads_nothing_up_front(tmp_path):
