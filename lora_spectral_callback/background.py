@@ -14,17 +14,62 @@ CUDA the worker runs on its own stream, ordered after the copies. On CPU the wor
 
 from __future__ import annotations
 
-import logging
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 
-from .monitor import SpectralMonitor
 from .report import SpectralReport
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .monitor import SpectralMonitor
 
-__all__ = ["BackgroundMeasurer"]
+__all__ = ["BackgroundMeasurer", "Worker"]
+
+T = TypeVar("T")
+
+
+class Worker(Generic[T]):
+    """``fn()`` on one daemon thread, started at once; ``result()`` waits for it and re-raises its failure on the
+    calling thread (where the callback's guard logs it, or re-raises it with ``strict=True``).
+
+    On CUDA (``device``) the thread runs on a stream of its own, ordered after the work queued so far on the
+    current stream (the copies a capture just made), so it overlaps with training instead of queueing behind it.
+    """
+
+    def __init__(self, name: str, fn: Callable[[], T], device: torch.device) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        stream = None
+        if device.type == "cuda":
+            stream = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+        self._thread = threading.Thread(target=self._run, args=(fn, stream), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], T], stream: torch.cuda.Stream | None) -> None:
+        try:
+            if stream is None:
+                self._value = fn()
+            else:
+                with torch.cuda.stream(stream):
+                    self._value = fn()
+                stream.synchronize()  # results are complete before result() hands them over
+        except BaseException as err:  # delivered to the calling thread by result()
+            self._error = err
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> T | None:
+        """Wait for the thread; its return value, or its exception raised here."""
+        self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self._value
 
 
 class BackgroundMeasurer:
@@ -32,60 +77,27 @@ class BackgroundMeasurer:
 
     def __init__(self, monitor: SpectralMonitor) -> None:
         self.monitor = monitor
-        self._thread: threading.Thread | None = None
-        self._outcome: tuple[SpectralReport | None, BaseException | None] = (None, None)
+        self._worker: Worker[SpectralReport | None] | None = None
 
     @property
     def busy(self) -> bool:
         """A measurement was submitted and not yet collected."""
-        return self._thread is not None
+        return self._worker is not None
 
     def submit(self, step: int) -> None:
         """Copy the LoRA state now and start measuring it in the background (collect the previous one first)."""
         if self.busy:
             raise RuntimeError("a measurement is still in flight: collect() it first")
-        self.monitor.snapshot()  # the one-time SVDs stay on the calling thread, before training steps race
         captured = self.monitor.capture()
-        stream = _side_stream(self.monitor)
-        self._outcome = (None, None)
-        self._thread = threading.Thread(
-            target=self._run, args=(step, captured, stream), name="lora-spectral-measure", daemon=True
+        self._worker = Worker(
+            "lora-spectral-measure", lambda: self.monitor.measure(step, captured), self.monitor.device
         )
-        self._thread.start()
-
-    def _run(self, step: int, captured: list, stream) -> None:
-        try:
-            if stream is None:
-                report = self.monitor.measure(step, captured)
-            else:
-                with torch.cuda.stream(stream):
-                    report = self.monitor.measure(step, captured)
-            self._outcome = (report, None)
-        except BaseException as err:  # delivered to the training thread by collect()
-            self._outcome = (None, err)
 
     def collect(self, wait: bool) -> SpectralReport | None:
         """The finished report, or None when nothing is finished (``wait=False``) or nothing was submitted.
-
-        A failure in the worker is re-raised here, on the training thread, where the callback's guard logs it
-        (or re-raises it with ``strict=True``).
-        """
-        if self._thread is None or (not wait and self._thread.is_alive()):
+        A failure in the worker is re-raised here, on the training thread."""
+        worker = self._worker
+        if worker is None or (not wait and not worker.done):
             return None
-        self._thread.join()
-        self._thread = None
-        report, error = self._outcome
-        self._outcome = (None, None)
-        if error is not None:
-            raise error
-        return report
-
-
-def _side_stream(monitor: SpectralMonitor):
-    """A CUDA stream for the worker, ordered after the work queued so far (the captures), or None on CPU."""
-    device = monitor.matrices[0].base_weight().device
-    if device.type != "cuda":
-        return None
-    stream = torch.cuda.Stream(device=device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    return stream
+        self._worker = None
+        return worker.result()

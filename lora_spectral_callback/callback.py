@@ -65,9 +65,11 @@ class LoRASpectralCallback(TrainerCallback):
     measurement step, that step waits for it (no measurement is skipped); train end waits too, then measures the
     final state synchronously. Under DDP this adds a one-integer all-reduce per step, so every rank stops together.
 
-    Multi-process: under DDP only rank 0 measures and writes; a stop reaches every rank through one all-reduce.
-    With sharded weights (FSDP2, DeepSpeed ZeRO-3) every rank takes part in each measurement's gathers (rank 0
-    still measures alone), and ``asynchronous`` / ``forgetting_proxy`` are turned off (see :mod:`.sharding`).
+    Multi-process: under DDP (LoRA) every rank snapshots and measures its share of the matrices
+    (``split_across_ranks``, on unless ``asynchronous``) and rank 0 combines the reports, decides and writes; a stop
+    reaches every rank through one all-reduce. With sharded weights (FSDP2, DeepSpeed ZeRO-3) every rank takes part
+    in each measurement's gathers (rank 0 measures alone), and ``asynchronous`` / ``forgetting_proxy`` are turned
+    off (see :mod:`.sharding`). Full fine-tuning mode measures on rank 0.
 
     Remaining keyword options go to :class:`SpectralConfig` (``include``, ``exclude``, ``basis_dtype``, ...).
     """
@@ -106,7 +108,12 @@ class LoRASpectralCallback(TrainerCallback):
             _ensure_writable_dir(log_dir)
         # configuration
         self.every_n_steps = every_n_steps
-        self.options = dict(options, top_k=top_k, epsilon=epsilon)
+        # Under DDP every rank measures its share (synchronously: a background measurement runs on rank 0 alone).
+        self.options = dict({"split_across_ranks": not asynchronous}, **options, top_k=top_k, epsilon=epsilon)
+        if asynchronous and self.options["split_across_ranks"]:
+            raise ValueError(
+                "split_across_ranks=True is invalid with asynchronous=True: background measurement runs on rank 0 alone"
+            )
         self.config = SpectralConfig(**self.options)  # fail now, not at train start
         self.threshold = IntruderThreshold(max_intruders, max_intruders_per_layer, patience)
         self.stop_training = stop_training
@@ -140,13 +147,15 @@ class LoRASpectralCallback(TrainerCallback):
             self._adapt_to_sharding(self.monitor)
         monitor = self.monitor
         self._restore_from_history(state)
-        if state.is_world_process_zero:
+        output_dir = args.output_dir or "."
+        if state.is_world_process_zero:  # before the snapshot: a resumed full fine-tune reads its pretrained copies
             resumed = self.last_measured_step >= 0
-            output_dir = args.output_dir or "."
             self._baseline_fingerprint = baseline.save_or_restore(
                 monitor, output_dir, resumed, self._baseline_fingerprint
             )
-            monitor.snapshot()
+        if state.is_world_process_zero or monitor.collective:
+            monitor.start()  # in the background when it is slow: see SpectralConfig.snapshot
+        if state.is_world_process_zero:
             if self.asynchronous and self._background is None:
                 self._background = BackgroundMeasurer(monitor)
             if self.writer is None:
@@ -171,7 +180,11 @@ class LoRASpectralCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.asynchronous:
             self._deliver(args, state, control, wait=True)
-        if self.monitor is not None and state.global_step > self.last_measured_step:
+        monitor = self.monitor
+        if monitor is not None and (state.is_world_process_zero or monitor.collective):
+            # the final numbers cover every layer, and no snapshot thread outlives training
+            self.guard("snapshot", monitor.snapshot)
+        if monitor is not None and state.global_step > self.last_measured_step:
             self._measure_and_act(args, state, control, final=True)
         if self.writer is not None:
             self.writer.close()
@@ -185,7 +198,7 @@ class LoRASpectralCallback(TrainerCallback):
         stop = False
         if state.is_world_process_zero and background is not None and not final:
             self.guard("measurement", lambda: background.submit(step))
-        elif state.is_world_process_zero or monitor.sharded:  # sharded: every rank takes part in the gathers
+        elif state.is_world_process_zero or monitor.collective:  # every rank takes part in a collective measurement
             report = self.guard("measurement", lambda: monitor.measure(step))
             if isinstance(report, SpectralReport):
                 stop = self._handle(args, state, control, report, final)

@@ -1,30 +1,53 @@
-"""The one collective the monitor needs: every rank must agree on a stop, or training hangs."""
+"""The few collectives the monitor needs: every rank must take part in each, in the same order, or training hangs."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["any_rank", "is_main_process"]
+__all__ = ["all_gather_objects", "any_rank", "is_main_process", "rank_and_world"]
 
 
 def _initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process; ``(0, 1)`` outside a process group."""
+    if not _initialized():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
 def is_main_process() -> bool:
-    return not _initialized() or torch.distributed.get_rank() == 0
+    return rank_and_world()[0] == 0
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank iff ``flag`` is True on some rank. All ranks must call it at the same step.
 
-    Under DDP only rank 0 measures, so its stop decision has to reach the others; a single-process run returns
+    Under DDP only rank 0 decides on alerts, so its stop has to reach the others; a single-process run returns
     ``flag`` untouched.
     """
-    if not _initialized() or torch.distributed.get_world_size() == 1:
+    if rank_and_world()[1] == 1:
         return flag
-    backend = torch.distributed.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    value = torch.tensor([int(flag)], device=device)
+    value = torch.tensor([int(flag)], device=_collective_device())
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` in a single process."""
+    if rank_and_world()[1] == 1:
+        return [obj]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _collective_device() -> torch.device:
+    """NCCL only moves CUDA tensors (on this rank's device); gloo and the others CPU ones."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

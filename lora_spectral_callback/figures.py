@@ -82,6 +82,8 @@ def summary_markdown(report: SpectralReport, limit: int = 5) -> str:
             f"Skipped {len(report.errors)} layer(s): "
             + "; ".join(f"{n}: {e}" for n, e in list(report.errors.items())[:3])
         )
+    if report.pending:
+        lines.append(f"{len(report.pending)} layer(s) not measured yet: their pretrained snapshot is still running.")
     top = figure_layers(report, limit)
     if top:
         lines += ["", "| layer | intruders | min max\\|cos\\| | effective rank |", "|---|---:|---:|---:|"]

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .background import Worker
 from .basis_store import BasisStore
-from .distributed import is_main_process
+from .distributed import all_gather_objects, is_main_process, rank_and_world
 from .full_finetune import DenseMatrix, dense_layers, find_dense_matrices
 from .guard import FaultGuard
 from .layers import describe_skipped, find_lora_matrices, has_peft_layers
@@ -57,7 +58,12 @@ class SpectralConfig:
     ``basis_device`` is a torch device, or ``"disk"`` to keep the bases memory-mapped from safetensors files (in
     ``basis_cache_dir``, else a temporary directory; full mode's weight copies likewise, always in a private
     temporary directory); ``basis_cache_dir`` reuses bases computed by earlier runs on the same base weights (see
-    :mod:`.basis_store`). Solver defaults (``oversample=20``, ``tol=0.05``,
+    :mod:`.basis_store`). ``snapshot`` is how :meth:`SpectralMonitor.start` takes the snapshot: ``"background"``
+    (a worker thread; training goes on), ``"blocking"``, or ``"auto"``: the first matrix is snapshotted on the
+    calling thread and timed, and the rest goes to the background when it would take longer than
+    ``background_after`` seconds. ``split_across_ranks`` (multi-process runs whose ranks each hold whole weights,
+    e.g. DDP): every rank snapshots and measures every world-th matrix and the reports are combined on the main
+    process; ``measure`` then becomes a collective (see :meth:`SpectralMonitor.measure`). Solver defaults (``oversample=20``, ``tol=0.05``,
     ``exact_below=128``) were chosen with ``benchmarks/bench_detection.py``: ``tol`` only bounds the error of the
     reported vectors/cosines; every count is decided by the error bound against its threshold margin regardless.
     """
@@ -77,6 +83,9 @@ class SpectralConfig:
     seed: int = 0
     strict: bool = False
     progress: bool = True
+    snapshot: str = "auto"
+    background_after: float = 2.0
+    split_across_ranks: bool = False
     mode: str = "auto"
     weight_copy_dtype: str = "float32"
     effective_rank_method: str = "exact"
@@ -101,6 +110,14 @@ class SpectralConfig:
             allowed = ("float32", "float64") if name == "compute_dtype" else tuple(_DTYPES)
             _require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {allowed}")
         _require(self.mode in ("auto", "lora", "full"), "mode", self.mode, "one of ('auto', 'lora', 'full')")
+        modes = ("auto", "background", "blocking")
+        _require(self.snapshot in modes, "snapshot", self.snapshot, f"one of {modes}")
+        _require(
+            isinstance(self.background_after, (int, float)) and self.background_after >= 0,
+            "background_after",
+            self.background_after,
+            "a number of seconds >= 0",
+        )
         _require(
             self.effective_rank_method in ("exact", "estimate"),
             "effective_rank_method",
@@ -217,6 +234,7 @@ class SpectralMonitor:
         self._layers = {m.name: LayerState() for m in self.matrices}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._guard = FaultGuard(cfg.strict)
+        self._snapshot_worker: Worker[None] | None = None
 
     # -- snapshot -------------------------------------------------------------------------------------------
     @property
@@ -236,19 +254,84 @@ class SpectralMonitor:
         too."""
         return any(module_is_sharded(m.module) for m in self.matrices)
 
-    def snapshot(self) -> None:
+    @property
+    def device(self) -> torch.device:
+        """Where the monitored weights live (the first matrix's parameters): background work runs there."""
+        return next(self.matrices[0].module.parameters()).device
+
+    def snapshot(self, wait: bool = True) -> None:
         """Store the thin left singular basis of every monitored pretrained weight (idempotent).
 
-        A layer whose snapshot fails (out of memory, NaN/Inf weight) is left out and retried at the next call;
-        ``measure`` reports the reason under that layer (``strict=True`` re-raises instead). With sharded weights
-        this does nothing: ``measure`` snapshots each matrix from the copy it gathers on every rank.
+        ``wait=False`` computes it on a background thread and returns at once (see ``measure`` for what is reported
+        meanwhile); ``wait=True`` returns when every basis is there, also after a background start. A layer whose
+        snapshot fails (out of memory, NaN/Inf weight) is left out and retried at the next call; ``measure`` reports
+        the reason under that layer (``strict=True`` re-raises instead). With sharded weights this does nothing:
+        ``measure`` snapshots each matrix from the copy it gathers on every rank.
         """
-        todo = [m for m in self.matrices if self._layers[m.name].basis is None]
-        if not todo or self.sharded:
+        if self.sharded:
             return
+        worker = self._snapshot_worker
+        if worker is not None:
+            if not wait and not worker.done:
+                return
+            self._snapshot_worker = None
+            worker.result()  # a strict failure in the worker is raised here
+        self._snapshot(self._unsnapshotted(), wait)
+
+    def start(self) -> None:
+        """Take the snapshot as ``config.snapshot`` says (see :class:`SpectralConfig`): the callback calls this at
+        train begin so that the one-time SVDs never stall a large model's first steps."""
+        todo = self._unsnapshotted()
+        if self.sharded or not todo:
+            return
+        background = self.config.snapshot == "background"
+        if self.config.snapshot == "auto":
+            start = time.perf_counter()
+            self._snapshot_one(todo[0])
+            todo = todo[1:]
+            background = (time.perf_counter() - start) * len(todo) > self.config.background_after
+        self._snapshot(todo, wait=not background)
+
+    def _unsnapshotted(self) -> list[WeightMatrix]:
+        return [m for m in self._share() if self._layers[m.name].basis is None]
+
+    @property
+    def collective(self) -> bool:
+        """Whether ``measure`` must be called on every rank at the same step: sharded weights, or
+        ``split_across_ranks`` in a multi-process run."""
+        return self.sharded or self._split
+
+    @property
+    def _split(self) -> bool:
+        # LoRA only: a full fine-tune's pretrained copies (and their resume baseline) live on the main process
+        return self.config.split_across_ranks and self.mode == "lora" and rank_and_world()[1] > 1 and not self.sharded
+
+    def _share(self) -> list[WeightMatrix]:
+        """The matrices this process snapshots and measures: every world-th one when split across ranks."""
+        if not self._split:
+            return self.matrices
+        rank, world = rank_and_world()
+        return self.matrices[rank::world]
+
+    def _snapshot(self, todo: list[WeightMatrix], wait: bool) -> None:
+        if not todo:
+            return
+        if wait:
+            self._snapshot_all(todo, self.config.progress)
+        else:
+            self._snapshot_worker = Worker(
+                "lora-spectral-snapshot", lambda: self._snapshot_all(todo, False), self.device
+            )
+
+    @property
+    def snapshot_pending(self) -> bool:
+        """A background snapshot is still running."""
+        return self._snapshot_worker is not None and not self._snapshot_worker.done
+
+    def _snapshot_all(self, todo: list[WeightMatrix], progress: bool) -> None:
         from tqdm.auto import tqdm
 
-        for matrix in tqdm(todo, desc="spectral snapshot", disable=not self.config.progress, leave=False):
+        for matrix in tqdm(todo, desc="spectral snapshot", disable=not progress, leave=False):
             self._snapshot_one(matrix)
 
     def _snapshot_one(self, matrix: WeightMatrix) -> None:
@@ -258,9 +341,9 @@ class SpectralMonitor:
                 W0 = matrix.base_weight().detach().to(self.compute_dtype)
                 if not torch.isfinite(W0).all():
                     raise _NonFinite("pretrained weight contains NaN or Inf")
-                state.basis, state.pretrained_sv = self._store.basis(W0)
-                state.shape = W0.shape
-                state.snapshot_error = None
+                basis, sv = self._store.basis(W0)
+                state.shape, state.pretrained_sv, state.snapshot_error = W0.shape, sv, None
+                state.basis = basis  # last: a measurement on another thread takes a basis as "snapshot complete"
         except Exception as err:
             if self.config.strict and not isinstance(err, _NonFinite):
                 raise
@@ -288,15 +371,50 @@ class SpectralMonitor:
         """Measure every monitored matrix (or the ``capture()``-d copies given); a layer that fails is recorded in
         ``errors`` and skipped.
 
-        With sharded weights (``sharded``: FSDP2, ZeRO-3) this is a **collective**: call it on every rank at the
-        same step. Each matrix in turn is gathered on every rank (``capture()``: its full base weight and factors,
-        one matrix in memory at a time) and measured on the main process only, which returns the report; the other
-        ranks return None. Without sharding, call it wherever you like (the callback calls it on rank 0 only).
+        While a background snapshot (``snapshot(wait=False)``) runs, nothing waits for it: a layer whose basis is not
+        there yet is listed in ``pending``, unless its update is still exactly zero (a LoRA fine-tune at step 0):
+        then the merged weight *is* the pretrained one, and the layer is reported exactly, with no intruders and
+        max |cos| 1, without a basis (and without singular values).
+
+        When ``collective`` is true, call it on every rank at the same step; the main process returns the report,
+        the other ranks None. With sharded weights (``sharded``: FSDP2, ZeRO-3) each matrix in turn is gathered on
+        every rank (``capture()``: its full base weight and factors, one matrix in memory at a time) and measured on
+        the main process. With ``split_across_ranks`` each rank measures its share and the layer reports are
+        gathered (a strict failure on one rank raises on all of them, so none waits forever). Otherwise call it
+        wherever you like (the callback calls it on rank 0 only).
         """
         if matrices is None and self.sharded:
             return self._measure_gathered(step)
-        self.snapshot()
+        self.snapshot(wait=self._snapshot_worker is None)
+        if matrices is None and self._split:
+            return self._measure_split(step)
         return self._measure(step, self.matrices if matrices is None else matrices, snapshot_each=self.sharded)
+
+    def _measure_split(self, step: int | None) -> SpectralReport | None:
+        """Each rank measures its share; the layer reports are combined on the main process, in model order."""
+        start = time.perf_counter()
+        try:
+            local: SpectralReport | str = self._measure(step, self._share())
+        except Exception as err:  # strict: every rank must still reach the gather, then all raise
+            local = f"{type(err).__name__}: {err}"
+        parts = all_gather_objects(local)
+        failures = [f"rank {rank}: {part}" for rank, part in enumerate(parts) if isinstance(part, str)]
+        if failures:
+            raise RuntimeError("measurement failed on " + "; ".join(failures))
+        if not is_main_process():
+            return None
+        reports = [part for part in parts if isinstance(part, SpectralReport)]
+        measured = {name: layer for r in reports for name, layer in r.layers.items()}
+        layers = {m.name: measured[m.name] for m in self.matrices if m.name in measured}
+        return SpectralReport.from_layers(
+            step,
+            list(self.config.epsilons),
+            layers,
+            {name: error for r in reports for name, error in r.errors.items()},
+            [name for r in reports for name in r.nonfinite_layers],
+            time.perf_counter() - start,
+            [name for r in reports for name in r.pending],
+        )
 
     def _measure_gathered(self, step: int | None) -> SpectralReport | None:
         """The collective measurement of a sharded model (see ``measure``). Every rank walks every matrix's gathers
@@ -335,6 +453,7 @@ class SpectralMonitor:
         layers: dict[str, LayerReport] = {}
         errors: dict[str, str] = {}
         nonfinite: list[str] = []
+        pending: list[str] = []
         present = {id(module) for module in self.model.modules()}
         for matrix in matrices:
             state = self._layers[matrix.name]
@@ -348,6 +467,12 @@ class SpectralMonitor:
                 if state.snapshot_error is not None:
                     kind, message = state.snapshot_error
                     raise kind(message)
+                if state.basis is None:  # a background snapshot has not reached this layer yet
+                    if self._unchanged(matrix):
+                        layers[matrix.name] = self._unchanged_report()
+                    else:
+                        pending.append(matrix.name)
+                    continue
                 layers[matrix.name] = self.measure_matrix(matrix)
             except _NonFinite as err:
                 nonfinite.append(matrix.name)
@@ -361,7 +486,29 @@ class SpectralMonitor:
                 self._guard.warn_once((matrix.name, type(err).__name__), message)
             del matrix  # a gathered copy goes before the next one is gathered
         return SpectralReport.from_layers(
-            step, list(self.config.epsilons), layers, errors, nonfinite, time.perf_counter() - start
+            step, list(self.config.epsilons), layers, errors, nonfinite, time.perf_counter() - start, pending
+        )
+
+    def _unchanged(self, matrix: WeightMatrix) -> bool:
+        """Whether the merged weight is exactly the pretrained one (no update yet, as at step 0 of LoRA)."""
+        W0 = matrix.base_weight().detach().to(self.compute_dtype)
+        op = matrix.operator(W0)
+        if op.row_scale is not None:  # DoRA's m / ||W0||_row is 1 only up to rounding
+            return False
+        if op.W0 is not W0:  # a dense merged weight (full fine-tuning)
+            return torch.equal(op.W0, W0)
+        return op.B is None or op.A is None or not bool(op.B.any()) or not bool(op.A.any())
+
+    def _unchanged_report(self) -> LayerReport:
+        """What the paper's Alg. 1 gives for a merged weight equal to the pretrained one: its top singular vectors
+        are pretrained ones (max |cos| 1), so no intruders; the update is zero (effective rank 0)."""
+        cfg = self.config
+        return LayerReport(
+            intruders=0,
+            intruders_by_epsilon={_eps_key(e): 0 for e in cfg.epsilons},
+            max_cos=[1.0] * cfg.top_k,
+            singular_values=[],
+            effective_rank=0.0,
         )
 
     @torch.no_grad()

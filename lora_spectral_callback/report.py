@@ -50,7 +50,11 @@ class LayerSpectra:
 
 @dataclass
 class SpectralReport:
-    """One measurement of the whole model; ``intruders_total`` is at the primary (first) epsilon."""
+    """One measurement of the whole model; ``intruders_total`` is at the primary (first) epsilon.
+
+    Totals sum the measured ``layers``; a layer in ``errors`` (skipped) or in ``pending`` (its background snapshot
+    is not done yet) is not in them.
+    """
 
     step: int | None
     epsilon: float
@@ -61,6 +65,7 @@ class SpectralReport:
     errors: dict[str, str] = field(default_factory=dict)
     nonfinite_layers: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    pending: list[str] = field(default_factory=list)  # layers whose background snapshot is not done yet
 
     @classmethod
     def from_layers(
@@ -71,6 +76,7 @@ class SpectralReport:
         errors: dict[str, str] | None = None,
         nonfinite_layers: list[str] | None = None,
         seconds: float = 0.0,
+        pending: list[str] | None = None,
     ) -> SpectralReport:
         """Sum per-layer counts into model-wide totals (paper: counts are summed over the model's matrices)."""
         totals = {_eps_key(e): sum(r.intruders_by_epsilon[_eps_key(e)] for r in layers.values()) for e in epsilons}
@@ -85,6 +91,7 @@ class SpectralReport:
             errors=dict(errors or {}),
             nonfinite_layers=list(nonfinite_layers or []),
             seconds=seconds,
+            pending=list(pending or []),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,7 +6,8 @@ Tags (``<layer>`` is the readable module path, ``<eps>`` formatted with ``%g``):
 - ``spectral/intruders/<layer>``
 - ``spectral/effective_rank/<layer>`` and ``spectral/effective_rank_mean``
 - ``spectral/singular_values/<layer>`` (histogram of the top-k singular values of the merged weight)
-- ``spectral/errors`` (layers skipped in this measurement) and ``spectral/seconds`` (time it took)
+- ``spectral/errors`` (layers skipped in this measurement), ``spectral/pending`` (layers whose background snapshot
+  is not done yet) and ``spectral/seconds`` (time it took)
 - ``spectral/summary`` (text: totals and the top offending layers)
 - pictures, only through ``write_figures``: ``spectral/intruder_grid``, ``spectral/cosine/<layer>`` (|cos| heatmap,
   paper Fig. 1) and ``spectral/spectrum/<layer>`` (merged vs pretrained singular values)
@@ -37,6 +38,8 @@ def headline_metrics(report: SpectralReport) -> dict[str, float]:
     }
     if report.errors:
         out["spectral/errors"] = len(report.errors)
+    if report.pending:
+        out["spectral/pending"] = len(report.pending)
     return out
 
 
@@ -44,6 +47,7 @@ def scalar_metrics(report: SpectralReport) -> dict[str, float]:
     """Every scalar of a report under its TensorBoard tag."""
     out = headline_metrics(report)
     out["spectral/errors"] = len(report.errors)
+    out["spectral/pending"] = len(report.pending)
     out["spectral/seconds"] = report.seconds
     for eps, n in report.intruders_total_by_epsilon.items():
         out[f"spectral/intruders_total/eps_{eps}"] = n

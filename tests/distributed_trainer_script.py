@@ -1,8 +1,10 @@
 """Run under torchrun by test_distributed.py: a tiny DDP Trainer (gloo, CPU) with the callback and a stop rule.
 
-Each rank writes ``rank<N>.json`` to argv[1] with what it saw, so the test can compare ranks.
+Each rank writes ``rank<N>.json`` to argv[1] with what it saw (and rank 0 a float64 recount of the final weights),
+so the test can compare ranks.
 """
 
+import copy
 import json
 import os
 import sys
@@ -12,23 +14,26 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import RandomTokens, tiny_bert
+from helpers import RandomTokens, recount_run, tiny_bert
 
 from lora_spectral_callback import LoRASpectralCallback
 
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
-model = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+EPS = [0.5, 0.7]
+pretrained = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+model = copy.deepcopy(pretrained)
 measured = []
 
 
 def count_measurements(monitor):
-    """Record every measurement this rank makes (should be none except on rank 0)."""
+    """Record every measurement call on this rank and whether it returned the report (rank 0 only should)."""
     inner = monitor.measure
 
     def measure(step=None):
-        measured.append(step)
-        return inner(step)
+        report = inner(step)
+        measured.append((step, report is not None))
+        return report
 
     monitor.measure = measure
 
@@ -43,7 +48,7 @@ class Counting(LoRASpectralCallback):
         return super().on_train_begin(args, state, control, **kwargs)
 
 
-callback = Counting(every_n_steps=2, max_intruders=0, log_dir=os.path.join(out, "tb"), progress=False)
+callback = Counting(every_n_steps=2, max_intruders=0, epsilon=EPS, log_dir=os.path.join(out, "tb"), progress=False)
 args = TrainingArguments(
     output_dir=os.path.join(out, "out"),
     max_steps=12,
@@ -58,16 +63,17 @@ args = TrainingArguments(
 )
 trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=128), callbacks=[callback])
 trainer.train()
+result = {
+    "rank": rank,
+    "world_size": int(os.environ["WORLD_SIZE"]),
+    "global_step": trainer.state.global_step,
+    "measured": measured,
+    "svds": callback.monitor._store.computed,
+    "alert_step": callback.last_alert.step if callback.last_alert else None,
+    "intruders": callback.last_report.intruders_total if callback.last_report else None,
+}
+if rank == 0:
+    result.update(recount_run("lora", pretrained, model.state_dict(), callback, EPS))
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-    json.dump(
-        {
-            "rank": rank,
-            "world_size": int(os.environ["WORLD_SIZE"]),
-            "global_step": trainer.state.global_step,
-            "measured": measured,
-            "alert_step": callback.last_alert.step if callback.last_alert else None,
-            "intruders": callback.last_report.intruders_total if callback.last_report else None,
-        },
-        f,
-    )
+    json.dump(result, f)
 torch.distributed.destroy_process_group()  # without it a rank sometimes aborted at exit ("terminate called ...")

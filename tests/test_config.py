@@ -76,11 +76,20 @@ def test_on_alert_must_be_callable():
         ({"max_iter": 0}, r"max_iter=0 is invalid: must be an integer >= 1"),
         ({"include": "(unclosed"}, r"include='\(unclosed' is not a valid regular expression"),
         ({"exclude": "[z-a]"}, r"exclude='\[z-a\]' is not a valid regular expression"),
+        ({"snapshot": "lazy"}, r"snapshot='lazy' is invalid: must be one of \('auto', 'background', 'blocking'\)"),
+        ({"background_after": -1}, r"background_after=-1 is invalid: must be a number of seconds >= 0"),
     ],
 )
 def test_solver_options(options, pattern):
     with pytest.raises(ValueError, match=pattern):
         LoRASpectralCallback(**options)
+
+
+def test_split_across_ranks_needs_synchronous_measurement():
+    with pytest.raises(ValueError, match=r"split_across_ranks=True is invalid with asynchronous=True"):
+        LoRASpectralCallback(asynchronous=True, split_across_ranks=True)
+    assert LoRASpectralCallback(asynchronous=True).options["split_across_ranks"] is False
+    assert LoRASpectralCallback().options["split_across_ranks"] is True
 
 
 def test_unknown_option_is_a_type_error():

@@ -17,7 +17,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
-def test_ddp_two_processes_measure_once_and_stop_together(tmp_path):
+def test_ddp_two_processes_split_the_work_and_stop_together(tmp_path):
+    """Each rank snapshots and measures half of the matrices; rank 0's combined report equals a float64 recount."""
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
@@ -37,8 +38,14 @@ def test_ddp_two_processes_measure_once_and_stop_together(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     main, other = ranks
-    assert main["measured"] and other["measured"] == []  # measured once, on rank 0 only
-    assert main["alert_step"] is not None and main["intruders"] > 0
+    assert [s for s, _ in main["measured"]] == [s for s, _ in other["measured"]]  # a collective: same steps
+    assert all(got for _, got in main["measured"]) and not any(got for _, got in other["measured"])
+    assert main["svds"] == other["svds"] == 2  # 4 matrices, half each
+    assert main["errors"] == {} and main["counts"] == main["reference_counts"]
+    assert main["totals"] == main["reference_totals"] and main["intruders"] > 0
+    for name, rank in main["reference_ranks"].items():
+        assert main["ranks"][name] == pytest.approx(rank, rel=1e-5)
+    assert main["alert_step"] is not None
     assert main["global_step"] == other["global_step"] == main["alert_step"] < 12  # stopped together, early
     events = [p for p in (tmp_path / "tb").rglob("events*")]
     assert len(events) == 1  # only the main process wrote TensorBoard
@@ -157,7 +164,7 @@ def test_fsdp2_two_processes_gather_measure_once_and_stop_together(tmp_path):
 
 def test_deepspeed_zero3_trainer_two_processes_gather_measure_once_and_stop_together(tmp_path):
     """DeepSpeed ZeRO-3 partitions (the Trainer with ``deepspeed=<stage 3 config>``, every parameter partitioned);
-    then ZeRO-2, whose parameters are whole on every rank: measured on rank 0 alone, like DDP."""
+    then ZeRO-2, whose parameters are whole on every rank: the work is split across ranks, like DDP."""
     pytest.importorskip("deepspeed")
     # DeepSpeed compiles its CPU communication op on first use; keep the build in a writable place that persists
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
@@ -171,5 +178,7 @@ def test_deepspeed_zero3_trainer_two_processes_gather_measure_once_and_stop_toge
     assert not zero2["partitioned"] and zero2["errors"] == {}
     assert zero2["counts"] == zero2["reference_counts"] and zero2["totals"] == zero2["reference_totals"]
     assert zero2["alert_step"] == zero2["global_step"] == zero2_other["global_step"] == 2
-    assert zero2_other["measured"] == [] and zero2_other["svds"] == 0  # not sharded: rank 1 never measures
+    # not sharded (DDP-like): each rank snapshots and measures half of the matrices; rank 0 alone gets the report
+    assert zero2["svds"] == zero2_other["svds"] == 2
+    assert zero2_other["measured"] == [[2, False]] and all(got for _, got in zero2["measured"])
     assert len(list((tmp_path / "tb-zero2").rglob("events*"))) == 1

@@ -1,0 +1,129 @@
+"""The pretrained snapshot in the background: training never waits for it, a layer it has not reached yet is reported
+as pending (or exactly, while its update is still zero), and every number after it equals a float64 recount."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from helpers import reference_counts
+from training import lora_bert, make_trainer
+from transformers import TrainerCallback
+
+from lora_spectral_callback import LoRASpectralCallback, SpectralMonitor
+from lora_spectral_callback import basis_store as basis_store_module
+from lora_spectral_callback.layers import readable_name
+
+EPS = [0.5, 0.7]
+
+
+@pytest.fixture
+def held_snapshot(monkeypatch):
+    """Pretrained SVDs that wait for ``release.set()`` when they run off the main thread, so a test decides when
+    the background snapshot finishes."""
+    release = threading.Event()
+    real = basis_store_module.pretrained_basis_and_spectrum
+
+    def held(W0, dtype):
+        if threading.current_thread() is not threading.main_thread():
+            assert release.wait(timeout=120), "the test never released the snapshot"
+        return real(W0, dtype)
+
+    monkeypatch.setattr(basis_store_module, "pretrained_basis_and_spectrum", held)
+    return release
+
+
+def weights(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(pretrained, merged) weight of every LoRA layer, through PEFT's own get_delta_weight."""
+    base, merged = {}, {}
+    for path, module in model.named_modules():
+        if hasattr(module, "lora_A"):
+            W0 = module.get_base_layer().weight.detach()
+            base[readable_name(path)] = W0
+            merged[readable_name(path)] = W0 + module.get_delta_weight("default").detach()
+    return base, merged
+
+
+def test_measure_never_waits_and_reports_pending_then_exact(held_snapshot):
+    model = lora_bert(random_update=False)  # B = 0: the merged weights are the pretrained ones
+    monitor = SpectralMonitor(model, epsilon=EPS, progress=False, strict=True)
+    monitor.snapshot(wait=False)
+    assert monitor.snapshot_pending
+
+    unchanged = monitor.measure(0)  # update exactly zero: reported exactly, no basis needed
+    assert unchanged.pending == [] and set(unchanged.layers) == {m.name for m in monitor.matrices}
+    assert unchanged.intruders_total_by_epsilon == {"0.5": 0, "0.7": 0}
+    assert reference_counts(*weights(model), EPS)[0] == {0.5: 0, 0.7: 0}
+    assert all(layer.max_cos == [1.0] * 10 and layer.effective_rank == 0.0 for layer in unchanged.layers.values())
+
+    with torch.no_grad():
+        for m in monitor.matrices:
+            m.module.lora_B["default"].weight.normal_(std=2.0)  # a real update: now a basis is needed
+    waiting = monitor.measure(1)
+    assert waiting.layers == {} and waiting.pending == [m.name for m in monitor.matrices]
+    assert waiting.intruders_total == 0 and waiting.errors == {}
+
+    held_snapshot.set()
+    monitor.snapshot()  # waits for the background snapshot
+    assert not monitor.snapshot_pending
+    done = monitor.measure(2)
+    totals, per_layer = reference_counts(*weights(model), EPS)
+    assert done.pending == [] and done.errors == {}
+    assert {n: r.intruders for n, r in done.layers.items()} == per_layer
+    assert {float(e): n for e, n in done.intruders_total_by_epsilon.items()} == totals and totals[0.7] > 0
+
+
+def test_start_decides_by_the_timed_first_layer():
+    fast = SpectralMonitor(lora_bert(), progress=False, background_after=1e9)
+    fast.start()
+    assert fast._snapshot_worker is None and all(s.basis is not None for s in fast._layers.values())
+    slow = SpectralMonitor(lora_bert(), progress=False, background_after=0)
+    slow.start()  # first layer on the calling thread, the rest in the background
+    assert slow._snapshot_worker is not None
+    slow.snapshot()
+    assert all(s.basis is not None for s in slow._layers.values())
+
+
+def test_strict_failure_in_the_background_is_raised_on_the_caller(monkeypatch):
+    def broken(W0, dtype):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(basis_store_module, "pretrained_basis_and_spectrum", broken)
+    monitor = SpectralMonitor(lora_bert(), progress=False, strict=True)
+    monitor.snapshot(wait=False)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        monitor.snapshot()
+
+
+class ReleaseAt(TrainerCallback):
+    """Lets the held snapshot finish once training reaches ``step``: proof that training did not wait for it."""
+
+    def __init__(self, release: threading.Event, step: int) -> None:
+        self.release, self.step, self.reached = release, step, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.reached = state.global_step
+            self.release.set()
+
+
+def test_trainer_runs_while_the_snapshot_is_held(tmp_path, held_snapshot):
+    model = lora_bert(random_update=True)
+    pretrained, _ = weights(model)
+    pretrained = {n: W.clone() for n, W in pretrained.items()}
+    callback = LoRASpectralCallback(
+        every_n_steps=2, epsilon=EPS, snapshot="background", log_dir=str(tmp_path / "tb"), progress=False, strict=True
+    )
+    release = ReleaseAt(held_snapshot, 2)  # after our step-2 measurement (callbacks run in order)
+    trainer = make_trainer(tmp_path / "out", model, [callback, release], max_steps=6)
+    trainer.train()
+    assert release.reached == 2  # training went on while every SVD was held
+    history = {h["step"]: h for h in trainer.state.log_history if "spectral/intruders_total" in h}
+    # random B from step 0: no layer can be reported without its basis
+    assert history[0]["spectral/pending"] == history[2]["spectral/pending"] == 4
+    final = callback.last_report
+    assert final.step == 6 and final.pending == [] and final.errors == {}
+    totals, per_layer = reference_counts(pretrained, weights(model)[1], EPS)
+    assert {n: r.intruders for n, r in final.layers.items()} == per_layer
+    assert {float(e): n for e, n in final.intruders_total_by_epsilon.items()} == totals
