@@ -73,7 +73,7 @@ class LoRASpectralCallback(TrainerCallback):
     Remaining keyword options go to :class:`SpectralConfig` (``include``, ``exclude``, ``basis_dtype``, ...).
 
     Args:
-        every_n_steps: Measure every N optimizer steps, plus at the first step and at the end of training.
+        every_n_steps: Measure every N optimizer steps, plus at train start (step 0) and at the end.
         top_k: Top singular vectors examined per matrix (the paper's k).
         epsilon: Intruder threshold, or a list of them; the first is primary (totals, alerts).
         max_intruders: Alert when the model-wide count at the primary epsilon is greater than this.
