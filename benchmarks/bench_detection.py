@@ -11,7 +11,7 @@ ones, on a flat (sigma_i ~ i^-0.1) and a steep (i^-0.5) pretrained spectrum, thi
   previous one;
 - counts at epsilon 0.3 / 0.5 / 0.7 of naive and ours against a float64 full-SVD reference.
 
-Example (the table in the README, "Performance")::
+Example (the tables in docs/performance.md)::
 
     python benchmarks/bench_detection.py --threads 2
     python benchmarks/bench_detection.py --quick        # n = 1024 only, one repeat

@@ -1,4 +1,4 @@
-"""Measurements quoted in the README, "Supported fine-tuning setups" for full fine-tuning mode.
+"""Measurements quoted in docs/full-finetuning.md (full fine-tuning mode).
 
     python benchmarks/full_finetune_costs.py erank          # exact vs estimated effective rank of a full-rank dW
     python benchmarks/full_finetune_costs.py minilm         # copy dtypes and the estimate on a MiniLM full fine-tune

@@ -16,7 +16,7 @@ here measures its query/value matrices with the package's pure core functions an
 Finally it applies the paper's mitigation (``scale_intruders``, lambda=0.75) to the r=8 run and reports task
 accuracy, intruder count and the forgetting proxy before and after.
 
-    PYTHONPATH=$PWD python benchmarks/reproduce_paper.py            # ~ the numbers in the README, "The science"
+    PYTHONPATH=$PWD python benchmarks/reproduce_paper.py            # ~ the numbers in docs/science.md
     PYTHONPATH=$PWD python benchmarks/reproduce_paper.py --quick    # smoke run
 """
 

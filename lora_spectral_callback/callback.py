@@ -72,6 +72,31 @@ class LoRASpectralCallback(TrainerCallback):
     off (see :mod:`.sharding`). Full fine-tuning mode measures on rank 0.
 
     Remaining keyword options go to :class:`SpectralConfig` (``include``, ``exclude``, ``basis_dtype``, ...).
+
+    Args:
+        every_n_steps: Measure every N optimizer steps, plus at train start (step 0) and at the end.
+        top_k: Top singular vectors examined per matrix (the paper's k).
+        epsilon: Intruder threshold, or a list of them; the first is primary (totals, alerts).
+        max_intruders: Alert when the model-wide count at the primary epsilon is greater than this.
+        max_intruders_per_layer: Alert when any single matrix has more intruders than this.
+        patience: Consecutive measurements over a limit before alerting.
+        log_dir: TensorBoard run directory. Default: ``$TENSORBOARD_LOGGING_DIR/spectral`` or
+            ``<output_dir>/runs/spectral``, a run of its own beside the Trainer's, never sharing its event file.
+        on_alert: ``callable(report)`` called on alert; its exceptions are logged, never raised.
+        stop_training: On alert, save a checkpoint and stop training on every rank; ``False``: warn and call
+            ``on_alert`` only.
+        stop_on_nonfinite: Also stop when a weight becomes NaN/Inf (always warned and reported).
+        image_every_n_measurements: Draw pictures (needs matplotlib, extra ``viz``) at the first measurement,
+            every n-th after it and the last; ``None``: no pictures.
+        image_layers: Per-layer pictures for this many most-affected layers; negative: all layers.
+        forgetting_proxy: Callable ``model -> {tag: float}`` called at each measurement, e.g. a
+            :class:`~lora_spectral_callback.forgetting.ForgettingProxy`.
+        asynchronous: Measure in a background thread from a copy of the LoRA factors: no stall; results (and a
+            stop) arrive a step or more later, logged at the step they describe.
+        **options: :class:`SpectralConfig` fields (``include``, ``exclude``, ``mode``, ``basis_device``, ...).
+
+    Raises:
+        ValueError: A bad option, naming it and what is allowed (before training starts).
     """
 
     def __init__(

@@ -45,6 +45,10 @@ class ForgettingProxy:
     ``reference_batch`` is a dict of tensors as the model's forward takes them (``input_ids``, ``attention_mask``,
     and ``labels`` for ``kind="loss"``); it is moved to the model's device at each call. Returned tags:
     ``spectral/forgetting/embedding_cosine``, ``spectral/forgetting/loss`` and ``spectral/forgetting/loss_increase``.
+
+    Args:
+        reference_batch: Tensors as the model's forward takes them; at least ``input_ids``.
+        kind: ``"embedding_cosine"``, ``"loss"`` (needs ``labels``) or a list of both.
     """
 
     def __init__(self, reference_batch: Mapping[str, Tensor], kind: str | Sequence[str] = "embedding_cosine") -> None:

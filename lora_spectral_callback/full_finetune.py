@@ -90,7 +90,7 @@ class DenseMatrix:
         """All singular values of ``dW``, exactly, by a float64 LAPACK SVD (``svdvals``).
 
         ``dW`` of a full fine-tune is full-rank, so no low-rank shortcut applies; the effective rank depends on the
-        whole spectrum. Cost: O(m n min(m, n)); ``effective_rank_method="estimate"`` avoids it (see the README).
+        whole spectrum. Cost: O(m n min(m, n)); ``effective_rank_method="estimate"`` avoids it (docs/full-finetuning.md).
         """
         return torch.linalg.svdvals(self.update(device, torch.float64))
 

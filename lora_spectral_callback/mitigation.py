@@ -82,6 +82,22 @@ def scale_intruders(
     LoRA adapter (not DoRA); switch back with ``model.set_adapter(<old name>)``. ``monitor`` may be an existing
     :class:`SpectralMonitor` on this model (its bases are reused, and its own ``compute_dtype``/``tol`` then decide
     how exact the triplets are); by default one is built in float64 with ``monitor_options`` (``include``, ...).
+
+    Args:
+        model: A ``PeftModel`` with exactly one active LoRA adapter.
+        lam: Factor for the chosen singular values, in [0, 1].
+        epsilon: Intruder threshold.
+        top_k: Top singular vectors examined per matrix.
+        which: ``"top"``: the largest intruder of each matrix; ``"all"``: every intruder among the top-k.
+        mode: ``"exact"``: the new adapter has rank r + n per layer and reproduces ``W_new`` up to the adapter
+            dtype's rounding; ``"refactor"``: truncated back to rank r by an SVD, as PEFT does (not exact; the
+            dropped relative Frobenius norm is in ``truncation_error``).
+        new_adapter_name: Name of the new, activated adapter; the original one is kept.
+        monitor: An existing :class:`SpectralMonitor` on this model whose bases are reused.
+        **monitor_options: :class:`SpectralConfig` fields for the monitor built otherwise.
+
+    Returns:
+        What was scaled, per layer.
     """
     if not 0 <= lam <= 1:
         raise ValueError(f"lam={lam!r} is invalid: must be a number in [0, 1]")

@@ -54,18 +54,48 @@ class SpectralConfig:
     has put adapter layers into the model. ``effective_rank_method`` (full mode only; LoRA's is always exact and
     cheap): ``"exact"`` takes all singular values of the dense update (float64 ``svdvals``), ``"estimate"`` the
     deflated stochastic Lanczos estimate of :func:`.metrics.estimate_effective_rank` (faster on large matrices,
-    error measured in the README).
+    error measured in docs/full-finetuning.md).
     ``basis_device`` is a torch device, or ``"disk"`` to keep the bases memory-mapped from safetensors files (in
     ``basis_cache_dir``, else a temporary directory; full mode's weight copies likewise, always in a private
     temporary directory); ``basis_cache_dir`` reuses bases computed by earlier runs on the same base weights (see
-    :mod:`.basis_store`). ``snapshot`` is how :meth:`SpectralMonitor.start` takes the snapshot: ``"background"``
-    (a worker thread; training goes on), ``"blocking"``, or ``"auto"``: the first matrix is snapshotted on the
-    calling thread and timed, and the rest goes to the background when it would take longer than
-    ``background_after`` seconds. ``split_across_ranks`` (multi-process runs whose ranks each hold whole weights,
-    e.g. DDP): every rank snapshots and measures every world-th matrix and the reports are combined on the main
-    process; ``measure`` then becomes a collective (see :meth:`SpectralMonitor.measure`). Solver defaults (``oversample=20``, ``tol=0.05``,
-    ``exact_below=128``) were chosen with ``benchmarks/bench_detection.py``: ``tol`` only bounds the error of the
+    :mod:`.basis_store`). Solver defaults (``oversample=20``, ``tol=0.05``, ``exact_below=128``) were chosen with ``benchmarks/bench_detection.py``: ``tol`` only bounds the error of the
     reported vectors/cosines; every count is decided by the error bound against its threshold margin regardless.
+
+    Args:
+        top_k: Top singular vectors examined per matrix (the paper's k).
+        epsilon: Intruder threshold, or a list of them strictly between 0 and 1; the first is primary.
+        include: Regex on layer names (module path without PEFT's ``base_model.model.`` prefix): only matching
+            layers are monitored.
+        exclude: Regex on layer names: matching layers are not monitored.
+        compute_dtype: Arithmetic of the solver, ``"float32"`` or ``"float64"``.
+        basis_dtype: Storage of the pretrained bases; ``"float16"`` is the weight's own size in fp16 and moves a
+            cosine by at most 4.9e-4 (accounted for in every decision).
+        basis_device: Where the bases (and full mode's weight copies) live: a torch device, or ``"disk"`` for
+            memory-mapped safetensors files (almost nothing resident).
+        basis_cache_dir: Directory of bases keyed by a hash of the base weights: a sweep on one base model
+            computes each basis once. Files are written atomically; concurrent runs may share it.
+        exact_below: Matrices with ``min(m, n) <= exact_below`` use a float64 LAPACK SVD.
+        oversample: Extra block columns of the subspace iteration beyond ``top_k`` (plus the r columns of B).
+        tol: Accuracy floor of the reported vectors and cosines; counts are decided by the error bound.
+        max_iter: Iteration cap of the solver (a stall test stops earlier on an undecidable tie).
+        seed: Seed of the solver's private generator; the global RNG is never touched.
+        strict: Re-raise failures during a measurement instead of logging and skipping them.
+        progress: Show a progress bar while snapshotting.
+        mode: ``"lora"``, ``"full"`` or ``"auto"`` (see above).
+        weight_copy_dtype: Full mode: dtype of the pretrained weight copies (float32: 4 bytes per parameter).
+        effective_rank_method: Full mode: ``"exact"`` or ``"estimate"`` (see above).
+        snapshot: How :meth:`SpectralMonitor.start` takes the snapshot: ``"background"`` (a worker thread;
+            training goes on, and layers not reached yet are reported as ``pending``), ``"blocking"``, or
+            ``"auto"``: the first matrix is snapshotted on the calling thread and timed, and the rest goes to the
+            background when it would take longer than ``background_after`` seconds.
+        background_after: Seconds of projected snapshot time above which ``"auto"`` goes to the background.
+        split_across_ranks: In a multi-process LoRA run whose ranks each hold whole weights (DDP, ZeRO-1/2),
+            every rank snapshots and measures every world-th matrix and the reports are combined on the main
+            process; ``measure`` is then a collective (call it on every rank). The callback turns it on unless
+            ``asynchronous``.
+
+    Raises:
+        ValueError: An invalid value, naming the option and what is allowed.
     """
 
     top_k: int = 10
@@ -188,6 +218,13 @@ class SpectralMonitor:
 
     ``snapshot()`` computes the thin left singular basis of each pretrained weight (one full SVD per matrix, the
     slow part, done once); ``measure(step)`` then costs a few products with each weight per matrix.
+
+    Args:
+        model: The model: a PEFT model in LoRA mode, any ``nn.Module`` in full fine-tuning mode.
+        **options (Any): :class:`SpectralConfig` fields.
+
+    Raises:
+        ValueError: A bad option, a filter that selects nothing, a model without monitorable layers, or FSDP1.
     """
 
     def __init__(self, model: nn.Module, **options) -> None:

@@ -22,6 +22,17 @@ class LayerReport:
     pretrained left singular vector; it is an intruder at ``epsilon`` iff ``max_cos[i] < epsilon``.
     ``uncertain`` counts vectors whose ``max_cos`` lies closer to some threshold than its error bound
     (the count could flip under exact arithmetic); it is 0 whenever ``converged`` holds.
+
+    Attributes:
+        intruders: Intruder count at the primary epsilon.
+        intruders_by_epsilon: Count at every epsilon, keyed by ``f"{epsilon:g}"``.
+        max_cos: One value per top-k vector: 1 = a pretrained direction, 0 = a brand-new one.
+        singular_values: Top-k singular values of the merged matrix.
+        effective_rank: Effective rank (Roy & Vetterli) of the update ``dW``.
+        converged: Whether the solver met its error bound.
+        iterations: Solver iterations in this measurement.
+        uncertain: Decisions closer to a threshold than the arithmetic can resolve.
+        seconds: Wall time of this layer's measurement.
     """
 
     intruders: int
@@ -54,6 +65,18 @@ class SpectralReport:
 
     Totals sum the measured ``layers``; a layer in ``errors`` (skipped) or in ``pending`` (its background snapshot
     is not done yet) is not in them.
+
+    Attributes:
+        step: Optimizer step of the measurement (``None`` outside training, e.g. the CLI).
+        epsilon: The primary threshold.
+        intruders_total: Intruders summed over the measured matrices, at the primary epsilon.
+        intruders_total_by_epsilon: The same at every epsilon, keyed by ``f"{epsilon:g}"``.
+        effective_rank_mean: Mean effective rank of the updates over the measured matrices.
+        layers: ``{layer name: LayerReport}``.
+        errors: ``{layer or component: reason}`` for what failed in this measurement.
+        nonfinite_layers: Layers whose weights hold NaN/Inf (not measured).
+        seconds: Wall time of the measurement.
+        pending: Layers whose pretrained snapshot (running in the background) has not reached them yet.
     """
 
     step: int | None

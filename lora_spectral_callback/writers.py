@@ -129,6 +129,10 @@ class TensorBoardWriter:
     later, so the series never has duplicate or backwards steps (``SummaryWriter(purge_step=...)``).
     After a failed write (full disk, read-only file system) the event file is reopened at the next write: the
     background writer thread of a ``SummaryWriter`` dies on its first I/O error and would fail forever.
+
+    Args:
+        log_dir: The run directory.
+        purge_step: First step whose older events TensorBoard discards (``None``: a new series).
     """
 
     def __init__(self, log_dir: str, purge_step: int | None = None) -> None:

@@ -39,7 +39,7 @@ def test_mitigation_on_minilm_keeps_accuracy_and_removes_intruders(tmp_path):
     assert m["acc_before"] == pytest.approx(acc)
     assert m["acc_before"] > 0.9  # the task was learned
     assert m["intruders_before"] > 0 and m["directions_scaled"] > 0
-    # measured with benchmarks/reproduce_paper.py (see the README, "The science"): the drop is well inside this bound
+    # measured with benchmarks/reproduce_paper.py (docs/science.md): the drop is well inside this bound
     assert m["acc_after"] >= m["acc_before"] - 0.05
     assert m["intruders_after"] < m["intruders_before"]
     assert m["cos_after"] > m["cos_before"]  # closer to the base model on unrelated text
