@@ -43,7 +43,7 @@ def weight_fingerprint(*weights: Tensor) -> str:
         data = W.detach().to("cpu").contiguous()
         h.update(f"{tuple(data.shape)}|{data.dtype}".encode())
         if data.numel():
-            h.update(data.view(-1).view(torch.uint8).numpy())  # hashed in place, through the buffer protocol
+            h.update(data.view(-1).view(torch.uint8).numpy().data)  # hashed in place, through a memoryview
     return h.hexdigest()
 
 

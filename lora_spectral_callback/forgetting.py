@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -87,14 +88,14 @@ class ForgettingProxy:
 
     def _compare(self, now: dict[str, Tensor | float]) -> dict[str, float]:
         metrics = {}
-        if "embedding" in now:
-            cos = torch.nn.functional.cosine_similarity(
-                now["embedding"], self._base["embedding"].to(now["embedding"].device), dim=-1
-            )
+        embedding, base_embedding = now.get("embedding"), self._base.get("embedding")
+        if isinstance(embedding, Tensor) and isinstance(base_embedding, Tensor):
+            cos = torch.nn.functional.cosine_similarity(embedding, base_embedding.to(embedding.device), dim=-1)
             metrics["spectral/forgetting/embedding_cosine"] = float(cos.mean())
-        if "loss" in now:
-            metrics["spectral/forgetting/loss"] = now["loss"]
-            metrics["spectral/forgetting/loss_increase"] = now["loss"] - self._base["loss"]
+        loss, base_loss = now.get("loss"), self._base.get("loss")
+        if isinstance(loss, float) and isinstance(base_loss, float):
+            metrics["spectral/forgetting/loss"] = loss
+            metrics["spectral/forgetting/loss_increase"] = loss - base_loss
         return metrics
 
 
@@ -104,4 +105,5 @@ def _base_model(model: nn.Module) -> contextlib.AbstractContextManager:
         raise TypeError(
             "ForgettingProxy needs a PEFT model (with disable_adapter()) to compute the base model's outputs"
         )
-    return model.disable_adapter()
+    disable_adapter: Any = model.disable_adapter  # PeftModel's; nn.Module's typing sees a Tensor | Module
+    return disable_adapter()

@@ -29,7 +29,9 @@ __all__ = ["DenseMatrix", "dense_layers", "find_dense_matrices", "weight_matrix"
 def weight_matrix(module: nn.Module) -> Tensor:
     """A plain layer's weight in the (out, in) layout of :mod:`.layers`: ``Linear`` as stored, GPT-2 ``Conv1D``
     and ``Embedding`` transposed (``(embedding_dim, num_embeddings)``), conv kernels flattened per output channel."""
-    W = full(module.weight)  # gathered if it is an FSDP2 shard or a ZeRO-3 partition
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    W = full(weight)  # gathered if it is an FSDP2 shard or a ZeRO-3 partition
     if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
         return W.T
     return W.flatten(1)
@@ -37,10 +39,11 @@ def weight_matrix(module: nn.Module) -> Tensor:
 
 def _is_dense_layer(module: nn.Module) -> bool:
     kinds = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
+    weight = getattr(module, "weight", None)
     return (
         (isinstance(module, kinds) or type(module).__name__ == "Conv1D")
-        and isinstance(getattr(module, "weight", None), torch.Tensor)
-        and module.weight.is_floating_point()
+        and isinstance(weight, torch.Tensor)
+        and weight.is_floating_point()
     )
 
 

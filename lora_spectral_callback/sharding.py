@@ -41,7 +41,7 @@ def full(t: Tensor) -> Tensor:
     """The whole tensor: all-gathered (a collective, see the module docstring) if it is a ``DTensor`` shard or a
     ZeRO-3 partition, else ``t`` itself."""
     if _is_dtensor(t):
-        return t.full_tensor()
+        return t.full_tensor()  # type: ignore[attr-defined]  # a DTensor
     if _is_zero3(t):
         import deepspeed
 
@@ -52,7 +52,7 @@ def full(t: Tensor) -> Tensor:
 
 def logical_shape(t: Tensor) -> Size:
     """The shape the model computes with (a ZeRO-3 partition's own ``.shape`` is empty between forwards)."""
-    return Size(t.ds_shape) if _is_zero3(t) else t.shape
+    return Size(t.ds_shape) if _is_zero3(t) else t.shape  # type: ignore[attr-defined]  # DeepSpeed's attribute
 
 
 def module_is_sharded(module: nn.Module) -> bool:
