@@ -36,10 +36,15 @@ def weight_matrix(module: nn.Module) -> Tensor:
     return W.flatten(1)
 
 
-def _is_dense_layer(module: nn.Module) -> bool:
+def is_matrix_layer(module: nn.Module) -> bool:
+    """A layer kind :func:`weight_matrix` lays out: Linear, GPT-2 Conv1D, Embedding, ConvNd."""
     kinds = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
+    return isinstance(module, kinds) or type(module).__name__ == "Conv1D"
+
+
+def _is_dense_layer(module: nn.Module) -> bool:
     return (
-        (isinstance(module, kinds) or type(module).__name__ == "Conv1D")
+        is_matrix_layer(module)
         and isinstance(getattr(module, "weight", None), torch.Tensor)
         and module.weight.is_floating_point()
     )
