@@ -201,3 +201,39 @@ def test_minilm_pissa_and_olora_against_the_original_weights(init):
         optimizer.zero_grad()
     model.eval()
     assert sum(check_against_original(model, monitor, original).values()) > 0
+
+
+def cpu_loftq_init(weight: torch.Tensor, num_bits: int, reduced_rank: int, num_iter: int = 1):
+    """PEFT's ``loftq_utils.loftq_init`` (one iteration, NF4) on the CPU: PEFT's own computes on CUDA/XPU only."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    assert num_bits == 4 and num_iter == 1
+    W = weight.detach().float()
+    quantized = bnb.nn.Params4bit(W, requires_grad=False, compress_statistics=False, quant_type="nf4")._quantize("cpu")
+    dequantized = bnb.functional.dequantize_4bit(quantized.data, quantized.quant_state)
+    factors = _low_rank_decomposition(W - dequantized, reduced_rank=reduced_rank)
+    return dequantized.to(weight.dtype), factors["R"], factors["L"]
+
+
+def test_loftq_reference_is_the_weight_the_fine_tune_starts_from(monkeypatch):
+    """LoftQ stores the NF4-dequantized ``Q`` as the base and ``B0 A0 ~ W0 - Q``: the reference ``Q + s B0 A0`` is the
+    model's weight before training (no intruder at step 0), W0 up to LoftQ's approximation error."""
+    from peft import LoftQConfig
+
+    monkeypatch.setattr("peft.tuners.lora.layer.loftq_init", cpu_loftq_init)
+    base = tiny_bert(hidden=64)
+    config = LoraConfig(
+        r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4)
+    )
+    model = get_peft_model(copy.deepcopy(base), config)
+    monitor = SpectralMonitor(model, epsilon=EPS, progress=False, strict=True, basis_dtype="float32")
+    original = plain_weights(base, [m.name for m in monitor.matrices])
+    assert all(m.initial for m in monitor.matrices)
+    start = {m.name: m.base_weight().double() for m in monitor.matrices}
+    assert sum(check_against_original(model, monitor, start).values()) == 0
+    for matrix in monitor.matrices:  # s = 1: B0 A0 is the top-r part of the quantization error W0 - Q
+        W0, Q = original[matrix.name].double(), matrix.stored_weight().double()
+        assert torch.linalg.matrix_norm(W0 - start[matrix.name]) < torch.linalg.matrix_norm(W0 - Q)
+    train(model, steps=8, lr=3e-2)
+    assert sum(check_against_original(model, monitor, start).values()) > 0
