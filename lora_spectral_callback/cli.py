@@ -1,7 +1,16 @@
-"""``lora-spectral``: measure a saved LoRA adapter (or a fully fine-tuned model) against its base model, post hoc.
+"""``lora-spectral``: measure a saved PEFT adapter (or a fully fine-tuned model) against its base model, post hoc.
 
     lora-spectral analyze BASE_DIR ADAPTER_DIR [--json] [--tensorboard DIR] [--top-k K] [--epsilon E[,E...]]
+                                               [--initial-adapter INIT_DIR]
     lora-spectral analyze BASE_DIR --finetuned TUNED_DIR [...]
+
+An adapter loads as ``PeftModel.from_pretrained`` would load it (any tuner that changes weights: LoRA and its
+variants, AdaLoRA, LoHa, LoKr, VeRA, IA3, OFT, ...), with the transformers Auto class of its ``task_type``, after
+fitting the base to what the adapter saved: a classification head in ``modules_to_save`` sets ``num_labels``, a
+saved resized embedding resizes the vocabulary. The monitor is created between PEFT's injection and the loading
+of the saved weights, so the initial factors of a base-rewriting init (PiSSA, OLoRA, ... run again by PEFT on the
+given base) are recorded; ``--initial-adapter`` supplies them instead, for a trained adapter applied to a saved
+residual base (PEFT's PiSSA/OLoRA/CorDA recipes save that initial adapter before training).
 
 Everything numerical is the library's :class:`SpectralMonitor` (its full fine-tuning mode for ``--finetuned``);
 this module only loads, prints and turns every expected failure into one line on stderr
@@ -24,7 +33,8 @@ Analysis = tuple[SpectralReport, Callable[[list[str]], dict[str, LayerSpectra]]]
 
 __all__ = ["main", "format_table"]
 
-# PEFT task_type -> the transformers Auto class whose module names the adapter was saved against.
+# PEFT task_type -> the transformers Auto class whose module names the adapter was saved against (FEATURE_EXTRACTION
+# and no task_type: AutoModel).
 _AUTO_CLASSES = {
     "SEQ_CLS": "AutoModelForSequenceClassification",
     "CAUSAL_LM": "AutoModelForCausalLM",
@@ -61,7 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("analyze", help="measure an adapter or a fine-tuned model against its base model")
     p.add_argument("base", metavar="BASE_DIR", help="saved pretrained model (save_pretrained directory)")
-    p.add_argument("adapter", metavar="ADAPTER_DIR", nargs="?", help="saved PEFT LoRA adapter directory")
+    p.add_argument("adapter", metavar="ADAPTER_DIR", nargs="?", help="saved PEFT adapter directory")
+    p.add_argument(
+        "--initial-adapter",
+        metavar="INIT_DIR",
+        help="the adapter as saved before training, when BASE_DIR is the residual base a PiSSA/OLoRA/CorDA/LoftQ "
+        "init left: the pretrained weight is then BASE + its update",
+    )
     p.add_argument("--finetuned", metavar="DIR", help="compare a fully fine-tuned model instead of an adapter")
     p.add_argument(
         "--json", action="store_true", help="print the report as JSON (SpectralReport.to_dict()) instead of a table"
@@ -133,13 +149,18 @@ def _analyze_adapter(args: argparse.Namespace, epsilons: list[float]) -> Analysi
     from .monitor import SpectralMonitor
 
     _require_dir(args.adapter, "adapter", "adapter_config.json")
-    model = _load_adapter(args.base, args.adapter)
-    try:
+    if args.initial_adapter is not None:
+        _require_dir(args.initial_adapter, "initial adapter", "adapter_config.json")
+    model = _attach_adapter(args.base, args.adapter)
+    try:  # before the saved weights replace the initial ones (see the module docstring)
         monitor = SpectralMonitor(
             model, top_k=args.top_k, epsilon=epsilons, include=args.include, progress=not args.no_progress
         )
     except ValueError as err:
         raise CLIError(_one_line(err)) from None
+    _load_adapter_weights(model, args.base, args.adapter)
+    if args.initial_adapter is not None:
+        _restore_initial(model, monitor.matrices, args.initial_adapter)
     monitor.snapshot()
     report = monitor.measure(step=None)
     return report, lambda names: monitor.spectra(names)
@@ -236,30 +257,36 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _load_auto(path: str, auto_class: str):
+def _load_auto(path: str, auto_class: str, **kwargs):
     import transformers
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return getattr(transformers, auto_class).from_pretrained(path)
+            return getattr(transformers, auto_class).from_pretrained(path, **kwargs)
     except Exception as err:
         raise CLIError(f"cannot load {path!r} with {auto_class}: {_one_line(err)}") from None
 
 
-def _load_adapter(base_dir: str, adapter_dir: str):
-    """Base model with the adapter attached (unmerged), after checking the adapter is LoRA."""
-    from peft import PeftConfig, PeftModel, PeftType
+def _attach_adapter(base_dir: str, adapter_dir: str):
+    """The base model with the adapter's layers injected by PEFT (its init run) and the saved weights not loaded
+    yet: the first half of ``PeftModel.from_pretrained``, :func:`_load_adapter_weights` is the second."""
+    from peft import PeftConfig, PeftModel
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
     try:
         config = PeftConfig.from_pretrained(adapter_dir)
     except Exception as err:
         raise CLIError(f"cannot read adapter config in {adapter_dir!r}: {_one_line(err)}") from None
-    if config.peft_type != PeftType.LORA:
-        raise CLIError(f"adapter {adapter_dir!r} is a {config.peft_type.value} adapter, not LoRA")
+    if config.is_prompt_learning:
+        raise CLIError(
+            f"adapter {adapter_dir!r} is a {config.peft_type.value} adapter: prompt learning changes no weight "
+            "matrix, there is nothing to measure"
+        )
+    config.inference_mode = True
     task = getattr(config.task_type, "value", config.task_type)
-    base = _load_auto(base_dir, _AUTO_CLASSES.get(task, "AutoModel"))
-    targets = config.target_modules
+    base = _load_base(base_dir, adapter_dir, _AUTO_CLASSES.get(task, "AutoModel"))
+    targets = getattr(config, "target_modules", None)
     if isinstance(targets, (list, set, tuple)):  # a str is a regex: PEFT's own error covers it
         names = [name for name, _ in base.named_modules()]
         if not any(n == t or n.endswith("." + t) for t in targets for n in names):
@@ -270,9 +297,74 @@ def _load_adapter(base_dir: str, adapter_dir: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return PeftModel.from_pretrained(base, adapter_dir)
+            return MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task, PeftModel)(base, config)
     except Exception as err:
         raise CLIError(f"adapter {adapter_dir!r} does not fit base model {base_dir!r}: {_one_line(err)}") from None
+
+
+def _load_adapter_weights(model, base_dir: str, adapter_dir: str) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.load_adapter(adapter_dir, adapter_name="default")
+    except Exception as err:
+        raise CLIError(f"adapter {adapter_dir!r} does not fit base model {base_dir!r}: {_one_line(err)}") from None
+
+
+def _load_base(base_dir: str, adapter_dir: str, auto_class: str):
+    """The base model, fitted to the shapes the adapter saved for whole modules (``modules_to_save``, embeddings):
+    a classification head of another size sets ``num_labels``, a larger or smaller embedding the vocabulary size.
+    Other mismatches are left to PEFT's own error."""
+    import torch
+    import transformers
+    from peft.utils import load_peft_weights
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(base_dir)
+        with torch.device("meta"), warnings.catch_warnings():  # shapes only, no memory
+            warnings.simplefilter("ignore")
+            skeleton = getattr(transformers, auto_class).from_config(config)
+    except Exception as err:
+        raise CLIError(f"cannot load {base_dir!r} with {auto_class}: {_one_line(err)}") from None
+    try:
+        saved = {
+            key.removeprefix("base_model.model."): tensor.shape
+            for key, tensor in load_peft_weights(adapter_dir).items()
+        }
+    except Exception as err:
+        raise CLIError(f"cannot read the adapter weights in {adapter_dir!r}: {_one_line(err)}") from None
+    shapes = {key: tensor.shape for key, tensor in skeleton.state_dict().items()}
+    mismatched = {key: (shapes[key], shape) for key, shape in saved.items() if key in shapes and shapes[key] != shape}
+    labels = {new[0] for own, new in mismatched.values() if own[0] == config.num_labels and own[1:] == new[1:]}
+    embedding = skeleton.get_input_embeddings()
+    embedding_key = next(
+        (n for n, p in skeleton.named_parameters() if embedding is not None and p is embedding.weight), None
+    )
+    kwargs = {}
+    if len(labels) == 1:
+        (config.num_labels,) = labels
+        kwargs = {"config": config, "ignore_mismatched_sizes": True}  # the base's own head is replaced anyway
+    base = _load_auto(base_dir, auto_class, **kwargs)
+    if embedding_key in mismatched:
+        base.resize_token_embeddings(mismatched[embedding_key][1][0])
+    return base
+
+
+def _restore_initial(model, matrices: list, path: str) -> None:
+    """Reference ``W_res + s B0 A0`` from the initial adapter at ``path`` for every monitored layer it covers."""
+    from .layers import initial_factors_from_adapter
+
+    try:
+        with warnings.catch_warnings():  # PEFT warns about a second adapter beside a PiSSA/OLoRA one
+            warnings.simplefilter("ignore")
+            states = initial_factors_from_adapter(model, path)
+    except Exception as err:
+        raise CLIError(f"cannot load initial adapter {path!r}: {_one_line(err)}") from None
+    missing = [m.name for m in matrices if m.name not in states or not hasattr(m, "restore_initial")]
+    if missing:
+        raise CLIError(f"initial adapter {path!r} has no LoRA factors for {', '.join(missing[:4])}")
+    for matrix in matrices:
+        matrix.restore_initial(states[matrix.name])
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:

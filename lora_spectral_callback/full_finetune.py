@@ -37,14 +37,15 @@ def weight_matrix(module: nn.Module) -> Tensor:
     return W.flatten(1)
 
 
-def _is_dense_layer(module: nn.Module) -> bool:
+def is_matrix_layer(module: nn.Module) -> bool:
+    """A layer kind :func:`weight_matrix` lays out: Linear, GPT-2 Conv1D, Embedding, ConvNd."""
     kinds = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
+    return isinstance(module, kinds) or type(module).__name__ == "Conv1D"
+
+
+def _is_dense_layer(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    return (
-        (isinstance(module, kinds) or type(module).__name__ == "Conv1D")
-        and isinstance(weight, torch.Tensor)
-        and weight.is_floating_point()
-    )
+    return is_matrix_layer(module) and isinstance(weight, torch.Tensor) and weight.is_floating_point()
 
 
 Keep = Callable[[Tensor], Tensor]  # where a copy is kept, e.g. BasisStore.disk_copy (the copy -> its stored form)

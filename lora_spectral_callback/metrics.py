@@ -88,11 +88,16 @@ def low_rank_singular_values(B: Tensor, A: Tensor) -> Tensor:
     """Exact non-zero singular values of ``B @ A`` (m x r times r x n) in O((m+n) r^2).
 
     With ``B = Q_B R_B`` and ``A^T = Q_A R_A``, ``B A = Q_B (R_B R_A^T) Q_A^T`` and the orthonormal factors
-    do not change singular values, so an r x r SVD suffices.
+    do not change singular values, so an r x r SVD suffices. Values within the float64 rounding of the factors
+    (``r * eps * ||B||_F ||A||_F``, the backward error of the QRs) are returned as 0: they cannot be told from an
+    exact cancellation, such as ``[s B, -s B0] [A; A0]`` before a PiSSA adapter is trained.
     """
-    R_B = torch.linalg.qr(B.double(), mode="r").R
-    R_A = torch.linalg.qr(A.double().T, mode="r").R
-    return torch.linalg.svdvals(R_B @ R_A.T)
+    B, A = B.double(), A.double()
+    R_B = torch.linalg.qr(B, mode="r").R
+    R_A = torch.linalg.qr(A.T, mode="r").R
+    S = torch.linalg.svdvals(R_B @ R_A.T)
+    noise = B.shape[1] * torch.finfo(torch.float64).eps * torch.linalg.norm(B) * torch.linalg.norm(A)
+    return S.masked_fill(noise >= S, 0)
 
 
 def estimate_effective_rank(

@@ -118,6 +118,8 @@ def scale_intruders(
             "scale_intruders works on an unsharded model: gather it first (FSDP2 / ZeRO-3 shards are "
             "not supported here), e.g. on the saved adapter after training"
         )
+    if any(type(m) is not MonitoredMatrix for m in monitor.matrices):
+        raise ValueError("scale_intruders writes a LoRA adapter: it supports LoRA layers only (not AdaLoRA, VeRA, ...)")
     if any(m.is_dora() for m in monitor.matrices):
         raise ValueError("scale_intruders does not support DoRA: its row rescaling is not a low-rank update")
     monitor.snapshot()
@@ -199,7 +201,8 @@ def _adapter_config(
     """The old adapter's config with a per-layer rank (r + n) and an alpha that keeps each layer's scaling.
 
     PEFT's scaling is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); solving for alpha at the new rank keeps
-    ``s``. Exact layer names go first: PEFT uses the first pattern that matches.
+    ``s``. Exact layer names go first: PEFT uses the first pattern that matches. The init is the default one: the
+    factors are overwritten, and a base-rewriting init (PiSSA, OLoRA, ...) would rewrite the base a second time.
     """
     ranks, alphas = {}, {}
     for matrix in matrices:
@@ -212,4 +215,5 @@ def _adapter_config(
         config,
         rank_pattern={**ranks, **(config.rank_pattern or {})},
         alpha_pattern={**alphas, **(config.alpha_pattern or {})},
+        init_lora_weights=True,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -9,9 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import peft
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from lora_spectral_callback.cli import main
 from tests.helpers import reference_counts, tiny_bert, tiny_gpt2
@@ -57,6 +59,7 @@ def saved(tmp_path_factory):
 
 
 def run_json(capsys, *argv: str) -> dict:
+    capsys.readouterr()  # drop what building the fixtures printed (DeepSpeed announces its accelerator on stdout)
     assert main(["analyze", *argv, "--json", "--no-progress"]) == 0
     return json.loads(capsys.readouterr().out)
 
@@ -248,13 +251,18 @@ def test_adapter_and_finetuned_are_exclusive(saved, capsys):
     )
 
 
-def test_adapter_that_is_not_lora(saved, capsys, tmp_path):
+def test_prompt_learning_adapter_has_nothing_to_measure(saved, capsys, tmp_path):
+    from peft import PromptTuningConfig
+
     root, _, _ = saved
-    ia3 = get_peft_model(
-        tiny_bert(), IA3Config(task_type="SEQ_CLS", target_modules=["query", "value"], feedforward_modules=[])
+    prompt = get_peft_model(tiny_bert(), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
+    prompt.save_pretrained(tmp_path / "prompt")
+    assert_error(
+        capsys,
+        ["analyze", str(root / "base"), str(tmp_path / "prompt")],
+        "is a PROMPT_TUNING adapter",
+        "nothing to measure",
     )
-    ia3.save_pretrained(tmp_path / "ia3")
-    assert_error(capsys, ["analyze", str(root / "base"), str(tmp_path / "ia3")], "is a IA3 adapter, not LoRA")
 
 
 def test_adapter_with_mismatched_shapes(saved, capsys, tmp_path):
@@ -319,3 +327,145 @@ def test_peft_reference_loads_the_same_adapter(saved):
     merged = model.merge_and_unload()
     name = "bert.encoder.layer.0.attention.self.query"
     assert torch.allclose(merged.get_submodule(name).weight, merged_weights[name])
+
+
+# -- every task type and tuner PEFT can load: counts equal a float64 recount of PEFT's merged weights -------------
+def as_matrix(module: torch.nn.Module) -> torch.Tensor:
+    W = module.weight.detach()
+    return W.T if type(module).__name__ == "Conv1D" else W.reshape(W.shape[0], -1)
+
+
+def randomize_trainable(model, seed: int, scale: float) -> None:
+    """Move every trainable parameter (adapters and saved heads) so the update is not PEFT's zero init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def check_saved_adapter(capsys, tmp_path, base, peft_config, saved_base=None, seed: int = 0, scale: float = 0.3):
+    """Save ``saved_base`` (default: ``base``) and the adapter trained on ``base``, analyze them with the CLI, and
+    compare with the float64 recount of PEFT's ``merge_and_unload()`` of the in-memory model against ``base``."""
+    (saved_base or base).save_pretrained(tmp_path / "base")
+    original = copy.deepcopy(base)
+    model = get_peft_model(base, peft_config)
+    randomize_trainable(model, seed, scale)
+    model.save_pretrained(tmp_path / "adapter")
+    data = run_json(capsys, str(tmp_path / "base"), str(tmp_path / "adapter"), "--epsilon", "0.5,0.3")
+    names = list(data["layers"])
+    merged_model = copy.deepcopy(model).double().merge_and_unload()
+    merged = {n: as_matrix(merged_model.get_submodule(n)) for n in names}
+    base_weights = {n: as_matrix(original.get_submodule(n)) for n in names}
+    totals, per_layer = reference_counts(base_weights, merged, EPS)
+    assert names and data["errors"] == {}
+    assert not any(layer["uncertain"] for layer in data["layers"].values())  # no cosine within rounding of a threshold
+    assert {n: layer["intruders"] for n, layer in data["layers"].items()} == per_layer
+    assert data["intruders_total_by_epsilon"] == {"0.5": totals[0.5], "0.3": totals[0.3]}
+    return data, per_layer
+
+
+def test_seq_cls_adapter_with_a_head_of_another_size(capsys, tmp_path):
+    """8 labels trained on a base saved with 2: the head saved in modules_to_save sets num_labels."""
+    config = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    _, per_layer = check_saved_adapter(capsys, tmp_path, tiny_bert(labels=8), config, saved_base=tiny_bert(labels=2))
+    assert len(per_layer) == 4 and sum(per_layer.values()) > 0
+    with pytest.raises(RuntimeError, match="size mismatch"):  # what PeftModel.from_pretrained alone does
+        from transformers import AutoModelForSequenceClassification
+
+        PeftModel.from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+        )
+
+
+def test_token_cls_adapter_with_a_head_of_another_size(capsys, tmp_path):
+    from transformers import BertForTokenClassification
+
+    config = LoraConfig(task_type="TOKEN_CLS", r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
+    bert = tiny_bert(labels=5)
+    tuned = BertForTokenClassification(bert.config)
+    tuned.bert.load_state_dict(bert.bert.state_dict(), strict=False)
+    base = BertForTokenClassification(tiny_bert(labels=3).config)
+    base.bert.load_state_dict(bert.bert.state_dict(), strict=False)
+    _, per_layer = check_saved_adapter(capsys, tmp_path, tuned, config, saved_base=base, seed=1)
+    assert sum(per_layer.values()) > 0
+
+
+def test_causal_lm_adapter_with_a_resized_vocabulary(capsys, tmp_path):
+    """GPT-2 Conv1D LoRA; the embedding was resized (tokens added) and saved with the adapter."""
+    base = tiny_gpt2()
+    base.save_pretrained(tmp_path / "original")
+    tuned = copy.deepcopy(base)
+    tuned.resize_token_embeddings(104)
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["wte"])
+    _, per_layer = check_saved_adapter(capsys, tmp_path, tuned, config, saved_base=base, seed=2)
+    assert len(per_layer) == 2 and sum(per_layer.values()) > 0
+
+
+def test_seq2seq_question_answering_and_feature_extraction_adapters(capsys, tmp_path):
+    from transformers import BertForQuestionAnswering, BertModel, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(
+        T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    )
+    config = LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, target_modules=["q", "v"])
+    _, per_layer = check_saved_adapter(capsys, tmp_path / "t5", t5, config, seed=4)
+    assert len(per_layer) == 12 and sum(per_layer.values()) > 0  # 2 encoder self, 2 decoder self + 2 cross, q and v
+
+    qa = BertForQuestionAnswering(tiny_bert().config)
+    config = peft.LoKrConfig(task_type="QUESTION_ANS", r=4, alpha=8, target_modules=["query", "value"])
+    _, per_layer = check_saved_adapter(capsys, tmp_path / "qa", qa, config, seed=10)
+    assert sum(per_layer.values()) > 0
+
+    for task, tuner in (("FEATURE_EXTRACTION", peft.VeraConfig), (None, peft.LoHaConfig)):
+        config = tuner(task_type=task, r=8, target_modules=["query", "value"])
+        _, per_layer = check_saved_adapter(capsys, tmp_path / str(task), BertModel(tiny_bert().config), config, seed=5)
+        assert sum(per_layer.values()) > 0
+
+
+def test_ia3_adapter_is_measured(capsys, tmp_path):
+    config = peft.IA3Config(
+        task_type="SEQ_CLS", target_modules=["query", "value", "output.dense"], feedforward_modules=["output.dense"]
+    )
+    _, per_layer = check_saved_adapter(capsys, tmp_path, tiny_bert(), config, seed=6, scale=1.0)
+    assert len(per_layer) == 8 and sum(per_layer.values()) > 0  # "output.dense" also matches attention.output.dense
+
+
+def test_pissa_adapter_on_the_original_base_is_measured_against_it(capsys, tmp_path):
+    """An adapter saved with init_lora_weights="pissa": PEFT runs PiSSA again on the base it is given; the monitor,
+    created before the saved weights load, records B0 A0 and measures against the original base."""
+    base = tiny_bert()
+    config = LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights="pissa"
+    )
+    _, per_layer = check_saved_adapter(capsys, tmp_path, base, config, seed=7, scale=0.05)
+    assert sum(per_layer.values()) > 0
+
+
+def test_initial_adapter_for_a_residual_base(capsys, tmp_path):
+    """PEFT's PiSSA recipe: the residual base and the initial adapter are saved before training (the config's init
+    set back to True); --initial-adapter turns the reference back into the original weights."""
+    base = tiny_bert()
+    original = copy.deepcopy(base)
+    config = LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights="olora"
+    )
+    model = get_peft_model(base, config)
+    model.peft_config["default"].init_lora_weights = True
+    model.save_pretrained(tmp_path / "initial")
+    copy.deepcopy(model).unload().save_pretrained(tmp_path / "residual")
+    randomize_trainable(model, seed=8, scale=0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    argv = [str(tmp_path / "residual"), str(tmp_path / "adapter"), "--epsilon", "0.5,0.3"]
+    data = run_json(capsys, *argv, "--initial-adapter", str(tmp_path / "initial"))
+    names = list(data["layers"])
+    merged_model = copy.deepcopy(model).double().merge_and_unload()
+    merged = {n: as_matrix(merged_model.get_submodule(n)) for n in names}
+    residual = {n: as_matrix(model.get_submodule("base_model.model." + n).get_base_layer()) for n in names}
+    for reference, argv_extra in (({n: as_matrix(original.get_submodule(n)) for n in names}, True), (residual, False)):
+        if not argv_extra:  # without it, the residual base is all the CLI knows
+            data = run_json(capsys, *argv)
+        totals, per_layer = reference_counts(reference, merged, EPS)
+        assert {n: layer["intruders"] for n, layer in data["layers"].items()} == per_layer
+        assert data["intruders_total_by_epsilon"] == {"0.5": totals[0.5], "0.3": totals[0.3]}

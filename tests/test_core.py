@@ -169,6 +169,8 @@ def test_low_rank_singular_values_are_exact():
     assert torch.equal(
         low_rank_singular_values(torch.zeros(10, 2), torch.randn(2, 5)), torch.zeros(2, dtype=torch.float64)
     )
+    # an exact cancellation (a PiSSA adapter before training: [s B, -s B0] [A; A0] with B = B0) is zero, not noise
+    assert torch.equal(low_rank_singular_values(torch.cat([B, -B], 1), torch.cat([A, A])), torch.zeros(12).double())
 
 
 @pytest.mark.parametrize("decay", ["noise", "power", "rank8"])

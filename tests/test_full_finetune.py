@@ -156,12 +156,15 @@ def test_nonfinite_full_finetune_weight_is_reported():
     assert report.nonfinite_layers == [monitor.matrices[0].name]
 
 
-def test_auto_mode_refuses_other_peft_tuners():
+def test_auto_mode_measures_other_peft_tuners_as_adapters():
+    """A LoHa model is an adapter model (tests/test_tuners.py), not an unchanging "full" fine-tune."""
     from peft import LoHaConfig, get_peft_model
 
+    from lora_spectral_callback.tuners import LoHaMatrix
+
     model = get_peft_model(tiny_bert(), LoHaConfig(r=4, target_modules=["query"]))
-    with pytest.raises(ValueError, match="No LoRA layer"):
-        SpectralMonitor(model, progress=False)
+    monitor = SpectralMonitor(model, progress=False)
+    assert monitor.mode == "lora" and [type(m) for m in monitor.matrices] == [LoHaMatrix, LoHaMatrix]
 
 
 @pytest.mark.parametrize("basis_device", ["cpu", "disk"])  # disk: copies and baseline read back memory-mapped
