@@ -1,18 +1,27 @@
-"""Resuming a run whose reference moves: a full fine-tune's pretrained copies, saved beside its checkpoints.
+"""Resuming a run whose reference the model no longer shows: what the first run saves beside its checkpoints.
 
-A full fine-tune changes the very weights it is compared against, so a run resumed from a checkpoint cannot take
-the pretrained copies from its (already fine-tuned) model again. The first run writes them to
-``<output_dir>/spectral_baseline.safetensors`` and records their fingerprint in the Trainer's log history; a resumed
-run reads them back, layer by layer, and checks the fingerprint, so it never silently compares the fine-tuned
-weights with themselves or with another run's baseline.
+Two kinds of monitored matrix compare against something training changes, so a run resumed from a checkpoint
+cannot take it from its (already trained) model again:
+
+- a full fine-tune's pretrained weight copies (:class:`~.full_finetune.DenseMatrix`);
+- the initial adapter factors ``(s B0, A0)`` of a base-rewriting LoRA init (PiSSA, OLoRA, ...; see
+  :class:`~.layers.MonitoredMatrix`), without which the reference ``W_res + s B0 A0`` cannot be rebuilt.
+
+The first run writes them to ``<output_dir>/spectral_baseline.safetensors`` (one tensor per
+``<layer>/<part>``) and records their fingerprint in the Trainer's log history; a resumed run reads them back,
+layer by layer, and checks the fingerprint, so it never silently compares with the wrong reference.
 """
 
 from __future__ import annotations
 
 import os
 
+from torch import Tensor
+
 from .basis_store import weight_fingerprint
 from .full_finetune import DenseMatrix, Keep
+from .layers import MonitoredMatrix
+from .matrix import WeightMatrix
 from .monitor import SpectralMonitor
 
 __all__ = ["BASELINE_FILE", "fingerprint", "load", "save", "save_or_restore"]
@@ -20,54 +29,87 @@ __all__ = ["BASELINE_FILE", "fingerprint", "load", "save", "save_or_restore"]
 BASELINE_FILE = "spectral_baseline.safetensors"
 
 
-def fingerprint(matrices: list[DenseMatrix]) -> str:
-    """One hash over every stored pretrained copy, in order."""
-    return weight_fingerprint(*(m.pretrained for m in matrices))
+def _parts(matrix: WeightMatrix) -> dict[str, Tensor]:
+    """What of one matrix must survive a resume (empty: its reference is still in the model)."""
+    if isinstance(matrix, DenseMatrix):
+        return {"pretrained": matrix.pretrained}
+    if isinstance(matrix, MonitoredMatrix):
+        return matrix.initial_state()
+    return {}
 
 
-def save(matrices: list[DenseMatrix], path: str) -> str:
-    """Write the pretrained copies to ``path`` (safetensors, one tensor per layer name); returns their fingerprint."""
+def _restore(matrix: WeightMatrix, parts: dict[str, Tensor], keep: Keep | None) -> None:
+    if isinstance(matrix, DenseMatrix):
+        copy = parts["pretrained"].to(matrix.pretrained.device, matrix.pretrained.dtype)
+        matrix.pretrained = copy if keep is None else keep(copy)
+    elif isinstance(matrix, MonitoredMatrix):
+        matrix.restore_initial(parts)
+
+
+def _flat(matrices: list[WeightMatrix]) -> dict[str, Tensor]:
+    return {f"{m.name}/{part}": t for m in matrices for part, t in _parts(m).items()}
+
+
+def fingerprint(matrices: list[WeightMatrix]) -> str:
+    """One hash over everything the baseline holds, in order."""
+    return weight_fingerprint(*_flat(matrices).values())
+
+
+def save(matrices: list[WeightMatrix], path: str) -> str | None:
+    """Write the baseline to ``path`` (safetensors); returns its fingerprint, or None when there is nothing to
+    keep (plain LoRA: the frozen base weight is its own reference) and no file is written."""
     from safetensors.torch import save_file
 
-    digest = fingerprint(matrices)
-    save_file({m.name: m.pretrained.contiguous() for m in matrices}, path, metadata={"fingerprint": digest})
+    tensors = _flat(matrices)
+    if not tensors:
+        return None
+    digest = weight_fingerprint(*tensors.values())
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file({k: t.contiguous() for k, t in tensors.items()}, path, metadata={"fingerprint": digest})
     return digest
 
 
-def load(matrices: list[DenseMatrix], path: str, expected: str | None, keep: Keep | None = None) -> None:
-    """Replace the copies taken from the resumed (already fine-tuned) model by the first run's, after checking they
-    are the baseline the run's history was measured against (fingerprint ``expected``)."""
+def load(matrices: list[WeightMatrix], path: str, expected: str, keep: Keep | None = None) -> None:
+    """Put the first run's baseline back into the matrices (one layer at a time: with ``keep`` on disk, never the
+    whole baseline in memory), after checking it is the one the run's history was measured against."""
     from safetensors import safe_open
 
     if not os.path.exists(path):
         raise ValueError(
-            f"resuming a full fine-tune needs the pretrained baseline the first run saved at {path!r}, which is "
-            "missing: without it the monitor would compare the fine-tuned weights with themselves"
+            f"resuming needs the pretrained baseline the first run saved at {path!r}, which is "
+            "missing: without it the monitor would compare the trained weights with themselves"
         )
-    with safe_open(path, "pt") as stored:  # one layer at a time: with keep= on disk, never the whole baseline in RAM
+    with safe_open(path, "pt") as stored:
         names = set(stored.keys())
         for m in matrices:
-            if m.name not in names or tuple(stored.get_slice(m.name).get_shape()) != tuple(m.pretrained.shape):
-                raise ValueError(f"the pretrained baseline at {path!r} does not match the monitored layer {m.name}")
-            copy = stored.get_tensor(m.name).to(m.pretrained.device, m.pretrained.dtype)
-            m.pretrained = copy if keep is None else keep(copy)
+            wanted = _parts(m)
+            keys = {part: f"{m.name}/{part}" for part in wanted}
+            if not set(keys.values()) <= names or any(
+                tuple(stored.get_slice(key).get_shape()) != tuple(wanted[part].shape) for part, key in keys.items()
+            ):
+                raise ValueError(f"the baseline at {path!r} does not match the monitored layer {m.name}")
+            _restore(m, {part: stored.get_tensor(key) for part, key in keys.items()}, keep)
     if fingerprint(matrices) != expected:
         raise ValueError(
-            f"the pretrained baseline at {path!r} is not the one this run's history was measured against "
+            f"the baseline at {path!r} is not the one this run's history was measured against "
             "(fingerprint mismatch): it was overwritten by another run"
         )
 
 
-def save_or_restore(monitor: SpectralMonitor, output_dir: str, resumed: bool, expected: str | None) -> str | None:
-    """Save the baseline of a new run, or restore a resumed run's (whose log history recorded the fingerprint
-    ``expected``). Returns the fingerprint to record, or None when the monitor keeps no copies (LoRA: the
-    frozen base weight is its own baseline)."""
-    matrices = [m for m in monitor.matrices if isinstance(m, DenseMatrix)]
-    if not matrices:
-        return None
+def save_or_restore(
+    monitor: SpectralMonitor, output_dir: str, resumed: bool, expected: str | None, write: bool = True
+) -> str | None:
+    """A new run saves its baseline (when ``write``: the main process), a resumed run whose history recorded the
+    fingerprint ``expected`` restores it. Returns the fingerprint to record (None: nothing to keep)."""
     path = os.path.join(output_dir, BASELINE_FILE)
-    if resumed:
-        load(matrices, path, expected, monitor.keep_copy)
-        return expected
-    os.makedirs(output_dir, exist_ok=True)
-    return save(matrices, path)
+    if not resumed:
+        return save(monitor.matrices, path) if write else None
+    if expected is None:
+        if _flat(monitor.matrices):
+            raise ValueError(
+                "resuming needs the baseline (pretrained references) of the first run, whose log history recorded "
+                "none: was it started with another monitoring configuration?"
+            )
+        return None
+    load(monitor.matrices, path, expected, monitor.keep_copy)
+    return expected

@@ -173,10 +173,10 @@ class LoRASpectralCallback(TrainerCallback):
         monitor = self.monitor
         self._restore_from_history(state)
         output_dir = args.output_dir or "."
-        if state.is_world_process_zero:  # before the snapshot: a resumed full fine-tune reads its pretrained copies
+        if state.is_world_process_zero or monitor.split:  # before the snapshot, which needs the references
             resumed = self.last_measured_step >= 0
             self._baseline_fingerprint = baseline.save_or_restore(
-                monitor, output_dir, resumed, self._baseline_fingerprint
+                monitor, output_dir, resumed, self._baseline_fingerprint, write=state.is_world_process_zero
             )
         if state.is_world_process_zero or monitor.collective:
             monitor.start()  # in the background when it is slow: see SpectralConfig.snapshot

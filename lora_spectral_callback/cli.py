@@ -163,6 +163,7 @@ def _analyze_adapter(args: argparse.Namespace, epsilons: list[float]) -> Analysi
         _restore_initial(model, monitor.matrices, args.initial_adapter)
     monitor.snapshot()
     report = monitor.measure(step=None)
+    assert report is not None  # a single process: measure always reports
     return report, lambda names: monitor.spectra(names)
 
 
@@ -189,6 +190,7 @@ def _analyze_finetuned(args: argparse.Namespace, epsilons: list[float]) -> Analy
     monitor.snapshot()  # the pretrained bases, before the fine-tuned weights replace the base ones
     model.load_state_dict(shared, strict=False)
     report = monitor.measure(step=None)
+    assert report is not None  # a single process: measure always reports
     return report, lambda names: monitor.spectra(names)
 
 

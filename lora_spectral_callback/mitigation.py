@@ -65,7 +65,7 @@ class MitigationResult:
 
 
 def scale_intruders(
-    model: nn.Module,
+    model: Any,
     lam: float = 0.75,
     epsilon: float = 0.5,
     top_k: int = 10,
@@ -118,15 +118,16 @@ def scale_intruders(
             "scale_intruders works on an unsharded model: gather it first (FSDP2 / ZeRO-3 shards are "
             "not supported here), e.g. on the saved adapter after training"
         )
-    if any(type(m) is not MonitoredMatrix for m in monitor.matrices):
+    matrices = [m for m in monitor.matrices if type(m) is MonitoredMatrix]
+    if len(matrices) != len(monitor.matrices):
         raise ValueError("scale_intruders writes a LoRA adapter: it supports LoRA layers only (not AdaLoRA, VeRA, ...)")
-    if any(m.is_dora() for m in monitor.matrices):
+    if any(m.is_dora() for m in matrices):
         raise ValueError("scale_intruders does not support DoRA: its row rescaling is not a low-rank update")
     monitor.snapshot()
 
     result = MitigationResult(new_adapter_name, mode, lam)
     new_factors: dict[str, tuple[Tensor, Tensor]] = {}
-    for matrix in monitor.matrices:
+    for matrix in matrices:
         svd, max_cos, _ = monitor.decompose(matrix)
         intruders = torch.nonzero(max_cos[:top_k] < epsilon).flatten().tolist()
         chosen = intruders[:1] if which == "top" else intruders
@@ -136,12 +137,10 @@ def scale_intruders(
             B, A, result.truncation_error[matrix.name] = _truncate(B, A, matrix.module.r[adapter])
         new_factors[matrix.name] = (B, A)
 
-    model.add_adapter(
-        new_adapter_name, _adapter_config(model.peft_config[adapter], monitor.matrices, adapter, new_factors)
-    )
+    model.add_adapter(new_adapter_name, _adapter_config(model.peft_config[adapter], matrices, adapter, new_factors))
     with torch.no_grad():
-        _copy_unmonitored(model, adapter, new_adapter_name, {m.module for m in monitor.matrices})
-        for matrix in monitor.matrices:
+        _copy_unmonitored(model, adapter, new_adapter_name, {m.module for m in matrices})
+        for matrix in matrices:
             B, A = new_factors[matrix.name]
             old_B, old_A = matrix.module.lora_B[adapter].weight, matrix.module.lora_A[adapter].weight
             matrix.module.lora_B[new_adapter_name].weight.data = B.to(old_B.device, old_B.dtype)

@@ -48,7 +48,7 @@ class SpectralConfig:
     decomposition. ``basis_dtype`` is how the pretrained bases are stored: float16 halves memory and moves a
     cosine by at most 4.9e-4, which the solver accounts for when deciding a count.
 
-    ``mode``: ``"lora"`` monitors PEFT LoRA layers; ``"full"`` monitors plain Linear/Conv1D/Embedding/conv layers
+    ``mode``: ``"lora"`` monitors PEFT adapter layers (LoRA and the tuners of :mod:`.tuners`); ``"full"`` monitors plain Linear/Conv1D/Embedding/conv layers
     of a fully fine-tuned model against a copy of their pretrained weights taken at construction, stored in
     ``weight_copy_dtype`` on ``basis_device`` (see :mod:`.full_finetune`); ``"auto"`` picks ``"lora"`` iff PEFT
     has put adapter layers into the model. ``effective_rank_method`` (full mode only; LoRA's is always exact and
@@ -264,7 +264,7 @@ class SpectralMonitor:
             self.matrices = list(lora)
             if skipped:
                 logger.warning(
-                    "lora-spectral-callback cannot measure these LoRA layers yet: %s", describe_skipped(skipped)
+                    "lora-spectral-callback cannot measure these adapter layers yet: %s", describe_skipped(skipped)
                 )
         if not self.matrices:
             raise ValueError(_nothing_to_monitor(model, self.mode, cfg.include, cfg.exclude))
@@ -336,16 +336,17 @@ class SpectralMonitor:
     def collective(self) -> bool:
         """Whether ``measure`` must be called on every rank at the same step: sharded weights, or
         ``split_across_ranks`` in a multi-process run."""
-        return self.sharded or self._split
+        return self.sharded or self.split
 
     @property
-    def _split(self) -> bool:
-        # LoRA only: a full fine-tune's pretrained copies (and their resume baseline) live on the main process
+    def split(self) -> bool:
+        """Whether each rank snapshots and measures its own share of the matrices (``split_across_ranks`` in a
+        multi-process LoRA run; a full fine-tune's pretrained copies live on the main process)."""
         return self.config.split_across_ranks and self.mode == "lora" and rank_and_world()[1] > 1 and not self.sharded
 
     def _share(self) -> list[WeightMatrix]:
         """The matrices this process snapshots and measures: every world-th one when split across ranks."""
-        if not self._split:
+        if not self.split:
             return self.matrices
         rank, world = rank_and_world()
         return self.matrices[rank::world]
@@ -423,7 +424,7 @@ class SpectralMonitor:
         if matrices is None and self.sharded:
             return self._measure_gathered(step)
         self.snapshot(wait=self._snapshot_worker is None)
-        if matrices is None and self._split:
+        if matrices is None and self.split:
             return self._measure_split(step)
         return self._measure(step, self.matrices if matrices is None else matrices, snapshot_each=self.sharded)
 
@@ -667,7 +668,7 @@ def _nothing_to_monitor(model: nn.Module, mode: str, include: str | None, exclud
             available = [m.name for m in find_lora_matrices(model)[0]]
         if available:
             shown = ", ".join(available[:6]) + (f", ... ({len(available)} in all)" if len(available) > 6 else "")
-            kind = "LoRA layers" if mode == "lora" else "Linear/Conv1D/Embedding/conv layers"
+            kind = "PEFT adapter layers" if mode == "lora" else "Linear/Conv1D/Embedding/conv layers"
             return (
                 f"include={include!r} exclude={exclude!r} match none of the model's {kind}: "
                 f"must select at least one of: {shown}"
@@ -675,7 +676,8 @@ def _nothing_to_monitor(model: nn.Module, mode: str, include: str | None, exclud
     if mode == "full":
         return "No Linear/Conv1D/Embedding/conv layer to monitor in this model."
     return (
-        "No LoRA layer to monitor: wrap the model with peft.get_peft_model(...) and a LoraConfig first, "
+        "No PEFT adapter layer to monitor: wrap the model with peft.get_peft_model(...) and a LoraConfig (or "
+        "another tuner's config) first, "
         "or monitor a full fine-tune by naming its layers: include=<regex>, mode='full'."
     )
 

@@ -312,7 +312,7 @@ def test_bad_options_are_usage_errors(saved, capsys):
     assert_error(
         capsys,
         ["analyze", str(root / "base"), str(root / "adapter"), "--include", "nomatch"],
-        "match none of the model's LoRA layers",
+        "match none of the model's PEFT adapter layers",
     )
 
 

@@ -120,7 +120,7 @@ def test_filters_matching_nothing_list_the_layers():
     with pytest.raises(ValueError) as info:
         SpectralMonitor(model, include=r"\.key$")
     message = str(info.value)
-    assert "include='\\\\.key$' exclude=None match none of the model's LoRA layers" in message
+    assert "include='\\\\.key$' exclude=None match none of the model's PEFT adapter layers" in message
     assert "bert.encoder.layer.0.attention.self.query" in message and "(4 in all)" not in message
     with pytest.raises(ValueError, match=r"exclude='.' match none .* must select at least one of: bert\.encoder"):
         SpectralMonitor(model, exclude=".")
@@ -136,13 +136,13 @@ def test_filters_matching_nothing_fail_at_train_begin(tmp_path):
     args = TrainingArguments(str(tmp_path), max_steps=2, report_to=[], use_cpu=True, save_strategy="no")
     callback = LoRASpectralCallback(include="no_such_layer", log_dir=str(tmp_path / "tb"))
     trainer = Trainer(model=lora_bert(), args=args, train_dataset=RandomTokens(8), callbacks=[callback])
-    with pytest.raises(ValueError, match=r"include='no_such_layer' .* match none of the model's LoRA layers"):
+    with pytest.raises(ValueError, match=r"include='no_such_layer' .* match none of the model's PEFT adapter layers"):
         trainer.train()
     assert trainer.state.global_step == 0
 
 
 def test_model_without_lora_layers():
-    with pytest.raises(ValueError, match=r"No LoRA layer to monitor: wrap the model with peft\.get_peft_model"):
+    with pytest.raises(ValueError, match=r"No PEFT adapter layer to monitor: wrap the model with peft\.get_peft_model"):
         SpectralMonitor(tiny_bert(hidden=32))
-    with pytest.raises(ValueError, match=r"No LoRA layer to monitor"):
+    with pytest.raises(ValueError, match=r"No PEFT adapter layer to monitor"):
         SpectralMonitor(tiny_bert(hidden=32), include="query", mode="lora")

@@ -66,7 +66,7 @@ def test_bf16_model_is_measured_in_fp32(model):
 
 
 def test_no_lora_layers_is_a_clear_error():
-    with pytest.raises(ValueError, match="No LoRA layer"):
+    with pytest.raises(ValueError, match="No PEFT adapter layer"):
         SpectralMonitor(tiny_bert())
     m = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query"]))
     with pytest.raises(ValueError, match="include='nothing'"):

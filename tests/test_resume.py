@@ -106,3 +106,48 @@ def test_resume_keeps_alert_patience(tmp_path, restore_states):
     assert second.state.global_step == 4
     waits = [(e["step"], e["spectral/alert_wait"]) for e in second.state.log_history if TAG in e]
     assert waits == [(0, 1), (4, 2)]
+
+
+def pissa_bert():
+    """Tiny BERT with PiSSA on query/value: PEFT rewrites each base weight to W0 - s B0 A0."""
+    from helpers import tiny_bert
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights="pissa"
+    )
+    return get_peft_model(tiny_bert(hidden=32, layers=2, seed=0), config)
+
+
+def test_resumed_pissa_run_measures_against_the_original_weights(tmp_path):
+    """The resumed model shows only W_res and trained factors; the initial factors saved by the first run rebuild
+    the true pretrained reference, checked against a float64 recount with the original weights kept aside."""
+    from helpers import tiny_bert
+
+    plain = tiny_bert(hidden=32, layers=2, seed=0)  # the same weights pissa_bert starts from, before PiSSA
+    original = {n: m.weight.detach().clone() for n, m in plain.named_modules() if n.endswith(("query", "value"))}
+
+    def run(resume=None):
+        callback = LoRASpectralCallback(
+            every_n_steps=2, epsilon=[0.5, 0.7], log_dir=str(tmp_path / "tb"), progress=False
+        )
+        trainer = make_trainer(
+            tmp_path / "out",
+            pissa_bert(),
+            [callback],
+            max_steps=8,
+            save_strategy="steps",
+            save_steps=4,
+            learning_rate=2e-2,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, callback
+
+    run()
+    assert (tmp_path / "out" / "spectral_baseline.safetensors").exists()
+    second, callback = run(str(tmp_path / "out" / "checkpoint-4"))
+    report = callback.last_report
+    assert report.step == 8 and report.errors == {}
+    totals, per_layer = reference_counts(original, merged_weights(second.model, original), [0.5, 0.7])
+    assert {name: layer.intruders for name, layer in report.layers.items()} == per_layer
+    assert {float(e): n for e, n in report.intruders_total_by_epsilon.items()} == totals and totals[0.7] > 0
