@@ -71,6 +71,10 @@ class LoRASpectralCallback(TrainerCallback):
     still measures alone), and ``asynchronous`` / ``forgetting_proxy`` are turned off (see :mod:`.sharding`).
 
     Remaining keyword options go to :class:`SpectralConfig` (``include``, ``exclude``, ``basis_dtype``, ...).
+
+    ``max_intruder_energy_share`` / ``max_intruder_sigma_ratio`` are limits that do not saturate on large models
+    (share of the top-k spectral energy carried by intruders; largest intruder singular value over the pretrained
+    sigma_1, in any layer); they alert like ``max_intruders``, see :class:`.alerts.IntruderThreshold`.
     """
 
     def __init__(
@@ -89,6 +93,8 @@ class LoRASpectralCallback(TrainerCallback):
         image_layers: int = 16,
         forgetting_proxy: Callable[[Any], dict[str, float]] | None = None,
         asynchronous: bool = False,
+        max_intruder_energy_share: float | None = None,
+        max_intruder_sigma_ratio: float | None = None,
         **options: Any,
     ) -> None:
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps <= 0:
@@ -107,7 +113,13 @@ class LoRASpectralCallback(TrainerCallback):
         self._measurements = 0
         self.options = dict(options, top_k=top_k, epsilon=epsilon)
         self.config = SpectralConfig(**self.options)  # fail now, not at train start
-        self.threshold = IntruderThreshold(max_intruders, max_intruders_per_layer, patience)
+        self.threshold = IntruderThreshold(
+            max_intruders,
+            max_intruders_per_layer,
+            patience,
+            max_intruder_energy_share=max_intruder_energy_share,
+            max_intruder_sigma_ratio=max_intruder_sigma_ratio,
+        )
         self.stop_training = stop_training
         self.stop_on_nonfinite = stop_on_nonfinite
         self.asynchronous = bool(asynchronous)

@@ -25,6 +25,9 @@ from .metrics import (
     count_intruders,
     effective_rank,
     estimate_effective_rank,
+    first_intruder_position,
+    intruder_energy_share,
+    intruder_sigma_ratio,
     max_abs_cosine,
 )
 from .report import LayerReport, LayerSpectra, SpectralReport, _eps_key
@@ -363,12 +366,17 @@ class SpectralMonitor:
         svd, max_cos, uncertain = self.decompose(matrix)
         counts = count_intruders(max_cos, cfg.epsilons)
         rank = self._update_effective_rank(matrix, svd.U.device)
+        sigma1 = float(self._pretrained_sv[matrix.name][0])  # kept from the snapshot SVD
         return LayerReport(
             intruders=counts[cfg.epsilons[0]],
             intruders_by_epsilon={_eps_key(e): n for e, n in counts.items()},
             max_cos=max_cos.tolist(),
             singular_values=svd.S.tolist(),
             effective_rank=rank,
+            pretrained_sigma1=sigma1,
+            intruder_energy_share=intruder_energy_share(svd.S, max_cos, cfg.epsilons[0]),
+            intruder_sigma_ratio=intruder_sigma_ratio(svd.S, max_cos, cfg.epsilons[0], sigma1),
+            first_intruder=first_intruder_position(max_cos, cfg.epsilons[0]),
             converged=svd.converged,
             iterations=svd.iterations,
             uncertain=uncertain,
