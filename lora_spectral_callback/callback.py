@@ -80,6 +80,10 @@ class LoRASpectralCallback(TrainerCallback):
         max_intruders: Alert when the model-wide count at the primary epsilon is greater than this.
         max_intruders_per_layer: Alert when any single matrix has more intruders than this.
         patience: Consecutive measurements over a limit before alerting.
+        max_intruder_energy_share: Alert when the model-wide share of the top-k spectral energy carried by
+            intruders is greater than this (in [0, 1]; does not saturate on large models).
+        max_intruder_sigma_ratio: Alert when any layer's largest intruder singular value over its pretrained
+            sigma_1 is greater than this.
         log_dir: TensorBoard run directory. Default: ``$TENSORBOARD_LOGGING_DIR/spectral`` or
             ``<output_dir>/runs/spectral``, a run of its own beside the Trainer's, never sharing its event file.
         on_alert: ``callable(report)`` called on alert; its exceptions are logged, never raised.
@@ -115,6 +119,8 @@ class LoRASpectralCallback(TrainerCallback):
         image_layers: int = 16,
         forgetting_proxy: Callable[[Any], dict[str, float]] | None = None,
         asynchronous: bool = False,
+        max_intruder_energy_share: float | None = None,
+        max_intruder_sigma_ratio: float | None = None,
         **options: Any,
     ) -> None:
         if not _is_int(every_n_steps) or every_n_steps <= 0:
@@ -140,7 +146,13 @@ class LoRASpectralCallback(TrainerCallback):
                 "split_across_ranks=True is invalid with asynchronous=True: background measurement runs on rank 0 alone"
             )
         self.config = SpectralConfig(**self.options)  # fail now, not at train start
-        self.threshold = IntruderThreshold(max_intruders, max_intruders_per_layer, patience)
+        self.threshold = IntruderThreshold(
+            max_intruders,
+            max_intruders_per_layer,
+            patience,
+            max_intruder_energy_share=max_intruder_energy_share,
+            max_intruder_sigma_ratio=max_intruder_sigma_ratio,
+        )
         self.stop_training = stop_training
         self.stop_on_nonfinite = stop_on_nonfinite
         self.log_dir = log_dir

@@ -17,6 +17,9 @@ __all__ = [
     "pretrained_basis_and_spectrum",
     "max_abs_cosine",
     "count_intruders",
+    "intruder_energy_share",
+    "intruder_sigma_ratio",
+    "first_intruder_position",
     "effective_rank",
     "estimate_effective_rank",
     "low_rank_singular_values",
@@ -69,6 +72,44 @@ def count_intruders(max_cos: Tensor, epsilon: float | Sequence[float]) -> int | 
     if isinstance(epsilon, Sequence):
         return {float(e): int((max_cos < e).sum()) for e in epsilon}
     return int((max_cos < epsilon).sum())
+
+
+def intruder_energy_share(singular_values: Tensor, max_cos: Tensor, epsilon: float) -> float:
+    """Share of the top-k spectral energy ``sum(sigma_i^2)`` of the merged weight carried by its intruders.
+
+    ``sum_{max_cos_i < epsilon} sigma_i^2 / sum_i sigma_i^2`` over the same top-k triplets the count uses; in
+    [0, 1], 0 when there is no intruder (or the top-k energy is 0). Unlike the count, it grows continuously with
+    the intruders' singular values, which the paper (v3) ties to forgetting. It still reaches 1 when *every*
+    top-k vector is an intruder; :func:`intruder_sigma_ratio` does not saturate.
+    """
+    energy = singular_values.double() ** 2
+    total = float(energy.sum())
+    return float(energy[max_cos < epsilon].sum()) / total if total > 0 else 0.0
+
+
+def intruder_sigma_ratio(singular_values: Tensor, max_cos: Tensor, epsilon: float, pretrained_sigma1: float) -> float:
+    """Largest intruder singular value of the merged weight over sigma_1 of the *pretrained* weight.
+
+    0 when there is no intruder (nothing intrudes: the natural floor of a magnitude, and it plots as a flat line);
+    ``inf`` if the pretrained weight is zero and an intruder exists. Scale-free across layers and models, so one
+    threshold means the same thing everywhere: 0.5 is an intruder half as strong as the layer's strongest
+    pretrained direction.
+    """
+    intruding = singular_values.double()[max_cos < epsilon]
+    if intruding.numel() == 0:
+        return 0.0
+    top = float(intruding.max())
+    return top / pretrained_sigma1 if pretrained_sigma1 > 0 else math.inf
+
+
+def first_intruder_position(max_cos: Tensor, epsilon: float) -> int:
+    """1-based rank (in descending singular value order) of the strongest intruder; ``k + 1`` if there is none.
+
+    ``k + 1`` rather than None/NaN: it stays a number TensorBoard can plot and alerts can compare, it is
+    unambiguous (a real position is at most k), and "lower is worse" holds throughout.
+    """
+    hits = (max_cos < epsilon).nonzero()
+    return int(hits[0, 0]) + 1 if hits.numel() else max_cos.numel() + 1
 
 
 def effective_rank(singular_values: Tensor) -> float:

@@ -7,6 +7,7 @@ around it.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +29,9 @@ from .metrics import (
     count_intruders,
     effective_rank,
     estimate_effective_rank,
+    first_intruder_position,
+    intruder_energy_share,
+    intruder_sigma_ratio,
     max_abs_cosine,
 )
 from .report import LayerReport, LayerSpectra, SpectralReport, _eps_key
@@ -547,6 +551,10 @@ class SpectralMonitor:
             max_cos=[1.0] * cfg.top_k,
             singular_values=[],
             effective_rank=0.0,
+            pretrained_sigma1=math.nan,  # no snapshot yet
+            intruder_energy_share=0.0,
+            intruder_sigma_ratio=0.0,
+            first_intruder=cfg.top_k + 1,
         )
 
     @torch.no_grad()
@@ -557,12 +565,19 @@ class SpectralMonitor:
         svd, max_cos, uncertain = self.decompose(matrix)
         counts = count_intruders(max_cos, cfg.epsilons)
         rank = self._update_effective_rank(matrix, svd.U.device)
+        pretrained_sv = self._layers[matrix.name].pretrained_sv
+        assert pretrained_sv is not None  # decompose() found the snapshot
+        sigma1 = float(pretrained_sv[0]) if pretrained_sv.numel() else 0.0  # kept from the snapshot SVD
         return LayerReport(
             intruders=counts[cfg.epsilons[0]],
             intruders_by_epsilon={_eps_key(e): n for e, n in counts.items()},
             max_cos=max_cos.tolist(),
             singular_values=svd.S.tolist(),
             effective_rank=rank,
+            pretrained_sigma1=sigma1,
+            intruder_energy_share=intruder_energy_share(svd.S, max_cos, cfg.epsilons[0]),
+            intruder_sigma_ratio=intruder_sigma_ratio(svd.S, max_cos, cfg.epsilons[0], sigma1),
+            first_intruder=first_intruder_position(max_cos, cfg.epsilons[0]),
             converged=svd.converged,
             iterations=svd.iterations,
             uncertain=uncertain,

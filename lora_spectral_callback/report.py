@@ -23,12 +23,23 @@ class LayerReport:
     ``uncertain`` counts vectors whose ``max_cos`` lies closer to some threshold than its error bound
     (the count could flip under exact arithmetic); it is 0 whenever ``converged`` holds.
 
+    Signals that do not saturate on large models, at the primary epsilon, from the same top-k triplets (see
+    :mod:`.metrics`; any other epsilon can be recomputed from ``max_cos`` and ``singular_values``):
+    ``intruder_energy_share`` (share of the top-k ``sum(sigma^2)`` carried by intruders, 0 if none),
+    ``intruder_sigma_ratio`` (largest intruder sigma over ``pretrained_sigma1``, sigma_1 of the pretrained
+    weight; 0 if none) and ``first_intruder`` (1-based rank of the strongest intruder, ``k + 1`` if none).
+
     Attributes:
         intruders: Intruder count at the primary epsilon.
         intruders_by_epsilon: Count at every epsilon, keyed by ``f"{epsilon:g}"``.
         max_cos: One value per top-k vector: 1 = a pretrained direction, 0 = a brand-new one.
-        singular_values: Top-k singular values of the merged matrix.
+        singular_values: Top-k singular values of the merged matrix (empty for a layer reported without its
+            snapshot because its update is still zero).
         effective_rank: Effective rank (Roy & Vetterli) of the update ``dW``.
+        pretrained_sigma1: Largest singular value of the pretrained weight (NaN when not known yet).
+        intruder_energy_share: Share of the top-k spectral energy carried by intruders.
+        intruder_sigma_ratio: Largest intruder singular value over ``pretrained_sigma1``.
+        first_intruder: 1-based rank of the strongest intruder; ``k + 1`` when there is none.
         converged: Whether the solver met its error bound.
         iterations: Solver iterations in this measurement.
         uncertain: Decisions closer to a threshold than the arithmetic can resolve.
@@ -40,6 +51,10 @@ class LayerReport:
     max_cos: list[float]
     singular_values: list[float]
     effective_rank: float
+    pretrained_sigma1: float
+    intruder_energy_share: float
+    intruder_sigma_ratio: float
+    first_intruder: int
     converged: bool = True
     iterations: int = 0
     uncertain: int = 0
@@ -64,7 +79,16 @@ class SpectralReport:
     """One measurement of the whole model; ``intruders_total`` is at the primary (first) epsilon.
 
     Totals sum the measured ``layers``; a layer in ``errors`` (skipped) or in ``pending`` (its background snapshot
-    is not done yet) is not in them.
+    is not done yet) is not in them. Model-wide aggregates of the per-layer signals (NaN / None when no layer was
+    measured):
+
+    - ``intruder_energy_share``: intruder energy over top-k energy, both summed over all layers (the per-layer
+      shares weighted by each layer's top-k ``sum(sigma^2)``), i.e. the share of the model's monitored top-k
+      energy that intrudes; an unweighted mean would let a layer with one weak intruder weigh as much as one
+      whose top directions are all new.
+    - ``intruder_sigma_ratio``: the maximum over layers, the worst intrusion anywhere (what a stop rule needs;
+      the paper ties forgetting to the intruders' singular values, and one strong intruder suffices).
+    - ``first_intruder``: the minimum over layers, the highest-ranked intruder anywhere (``k + 1``: none).
 
     Attributes:
         step: Optimizer step of the measurement (``None`` outside training, e.g. the CLI).
@@ -72,6 +96,9 @@ class SpectralReport:
         intruders_total: Intruders summed over the measured matrices, at the primary epsilon.
         intruders_total_by_epsilon: The same at every epsilon, keyed by ``f"{epsilon:g}"``.
         effective_rank_mean: Mean effective rank of the updates over the measured matrices.
+        intruder_energy_share: Model-wide intruder energy share (above).
+        intruder_sigma_ratio: Largest per-layer intruder sigma ratio (above).
+        first_intruder: Smallest per-layer first-intruder rank (above).
         layers: ``{layer name: LayerReport}``.
         errors: ``{layer or component: reason}`` for what failed in this measurement.
         nonfinite_layers: Layers whose weights hold NaN/Inf (not measured).
@@ -84,6 +111,9 @@ class SpectralReport:
     intruders_total: int
     intruders_total_by_epsilon: dict[str, int]
     effective_rank_mean: float
+    intruder_energy_share: float
+    intruder_sigma_ratio: float
+    first_intruder: int | None
     layers: dict[str, LayerReport] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     nonfinite_layers: list[str] = field(default_factory=list)
@@ -101,15 +131,21 @@ class SpectralReport:
         seconds: float = 0.0,
         pending: list[str] | None = None,
     ) -> SpectralReport:
-        """Sum per-layer counts into model-wide totals (paper: counts are summed over the model's matrices)."""
+        """Sum per-layer counts into model-wide totals (paper: counts are summed over the model's matrices) and
+        aggregate the per-layer signals (see the class docstring)."""
         totals = {_eps_key(e): sum(r.intruders_by_epsilon[_eps_key(e)] for r in layers.values()) for e in epsilons}
         ranks = [r.effective_rank for r in layers.values()]
+        energies = [sum(s * s for s in r.singular_values) for r in layers.values()]
+        intruding = sum(r.intruder_energy_share * e for r, e in zip(layers.values(), energies, strict=True))
         return cls(
             step=step,
             epsilon=epsilons[0],
             intruders_total=totals[_eps_key(epsilons[0])],
             intruders_total_by_epsilon=totals,
             effective_rank_mean=sum(ranks) / len(ranks) if ranks else math.nan,
+            intruder_energy_share=(intruding / sum(energies) if sum(energies) > 0 else 0.0) if layers else math.nan,
+            intruder_sigma_ratio=max((r.intruder_sigma_ratio for r in layers.values()), default=math.nan),
+            first_intruder=min((r.first_intruder for r in layers.values()), default=None),
             layers=layers,
             errors=dict(errors or {}),
             nonfinite_layers=list(nonfinite_layers or []),

