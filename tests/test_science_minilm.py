@@ -1,4 +1,4 @@
-"""End to end on the real all-MiniLM-L6-v2 weights (slow): the paper's mitigation keeps task accuracy and removes
+"""End to end on the real all-MiniLM-L6-v2 weights (slow): the paper's mitigation keeps task accuracy and shrinks
 intruders; the reproduction script's pieces are what is tested."""
 
 from __future__ import annotations
