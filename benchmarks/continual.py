@@ -247,8 +247,8 @@ def report(records: list[dict]) -> str:
     full = [r for r in records if r["rank"] is None]
     seeds = sorted({r["seed"] for r in records})
     lines = [
-        f"Per configuration, mean ± sd over seeds {seeds}: forgetting after task 2 / after task 3 (accuracy points, "
-        "mean drop on earlier tasks) and the signals after task 3:",
+        f"Per configuration, mean ± sd over seeds {seeds}: forgetting after task 2 / after task 3 (mean accuracy drop "
+        "on earlier tasks, 0.1 = 10 points) and the signals after task 3:",
         "",
         "| configuration | final acc. (order, sentiment, topic) | forgetting after 2 | after 3 | intruders | "
         "energy share | σ ratio | ‖ΔW‖/‖W0‖ |",
