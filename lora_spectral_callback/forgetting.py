@@ -12,6 +12,11 @@ represent what the model should keep doing well). They are *proxies*, not the pa
 - ``"loss"``: the model's own loss on the batch (pass ``labels``: masked-LM labels for an encoder with an MLM head,
   ``labels=input_ids`` for a causal LM), and its increase over the base model's loss.
 
+The base model is the LoRA model with its adapters disabled (``base="adapter_disabled"``, the default). A model
+without adapters (full fine-tuning) has no base left to run once training has changed it: ``base="first_call"``
+keeps the outputs of the first call as the base instead, which the callback makes at its step-0 measurement,
+before any update.
+
 Evaluation runs in eval mode (no dropout) under ``torch.no_grad()`` and restores the previous train/eval mode.
 """
 
@@ -27,6 +32,7 @@ from torch import Tensor, nn
 __all__ = ["ForgettingProxy", "mean_pooled_last_hidden"]
 
 _KINDS = ("embedding_cosine", "loss")
+_BASES = ("adapter_disabled", "first_call")
 
 
 def mean_pooled_last_hidden(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
@@ -50,18 +56,27 @@ class ForgettingProxy:
     Args:
         reference_batch: Tensors as the model's forward takes them; at least ``input_ids``.
         kind: ``"embedding_cosine"``, ``"loss"`` (needs ``labels``) or a list of both.
+        base: What the model is compared with (see the module docstring).
     """
 
-    def __init__(self, reference_batch: Mapping[str, Tensor], kind: str | Sequence[str] = "embedding_cosine") -> None:
+    def __init__(
+        self,
+        reference_batch: Mapping[str, Tensor],
+        kind: str | Sequence[str] = "embedding_cosine",
+        base: str = "adapter_disabled",
+    ) -> None:
         kinds = (kind,) if isinstance(kind, str) else tuple(kind)
         if not kinds or any(k not in _KINDS for k in kinds):
             raise ValueError(f"kind={kind!r} is invalid: must be one or more of {_KINDS}")
+        if base not in _BASES:
+            raise ValueError(f"base={base!r} is invalid: must be one of {_BASES}")
         if not isinstance(reference_batch, Mapping) or "input_ids" not in reference_batch:
             raise ValueError("reference_batch is invalid: must be a dict of tensors with at least 'input_ids'")
         if "loss" in kinds and "labels" not in reference_batch:
             raise ValueError("reference_batch is invalid for kind='loss': it needs 'labels'")
         self.batch = dict(reference_batch)
         self.kinds = kinds
+        self.base = base
         self._base: dict[str, Tensor | float] = {}
 
     @torch.no_grad()
@@ -72,7 +87,7 @@ class ForgettingProxy:
             device = next(model.parameters()).device
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.batch.items()}
             if not self._base:
-                with _base_model(model):
+                with _base_model(model) if self.base == "adapter_disabled" else contextlib.nullcontext():
                     self._base = self._measure(model, batch)
             return self._compare(self._measure(model, batch))
         finally:

@@ -6,7 +6,7 @@ Tags (``<layer>`` is the readable module path, ``<eps>`` formatted with ``%g``):
 - ``spectral/intruders/<layer>``
 - ``spectral/effective_rank/<layer>`` and ``spectral/effective_rank_mean``
 - signals that do not saturate on large models (primary epsilon; definitions in :mod:`.metrics`, aggregates in
-  :class:`.report.SpectralReport`): ``spectral/intruder_energy_share`` (model-wide, energy-weighted) and
+  :class:`.report.SpectralReport`): ``spectral/intruder_energy_share`` (model-wide: mean over layers) and
   ``spectral/intruder_energy_share/<layer>``; ``spectral/intruder_sigma_ratio`` (max over layers) and
   ``spectral/intruder_sigma_ratio/<layer>``; ``spectral/first_intruder`` (min over layers) and
   ``spectral/first_intruder/<layer>`` (k + 1: no intruder)

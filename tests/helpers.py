@@ -112,7 +112,7 @@ def recount_run(mode: str, pretrained, final_state: dict, callback, epsilon) -> 
 def reference_signals(base_weights: dict[str, torch.Tensor], merged_weights: dict[str, torch.Tensor], epsilon, k=10):
     """The non-saturating signals recomputed by hand from float64 full SVDs (no package code):
     ``{name: (energy_share, sigma_ratio, first_intruder)}`` and the model-wide ``(share, ratio, first)``."""
-    per_layer, intruding, total = {}, 0.0, 0.0
+    per_layer = {}
     for name, W in merged_weights.items():
         U0, S0, _ = torch.linalg.svd(base_weights[name].double(), full_matrices=False)
         U, S, _ = torch.linalg.svd(W.double(), full_matrices=False)
@@ -125,6 +125,5 @@ def reference_signals(base_weights: dict[str, torch.Tensor], merged_weights: dic
             max((sigma[i] for i in hits), default=0.0) / S0[0].item(),
             hits[0] + 1 if hits else len(sigma) + 1,
         )
-        intruding, total = intruding + hit_energy, total + energy
     values = per_layer.values()
-    return per_layer, (intruding / total, max(v[1] for v in values), min(v[2] for v in values))
+    return per_layer, (sum(v[0] for v in values) / len(values), max(v[1] for v in values), min(v[2] for v in values))

@@ -138,3 +138,22 @@ def test_a_failing_proxy_never_stops_training(tmp_path):
     assert trainer.state.global_step == 4
     spectral = [e for e in trainer.state.log_history if "spectral/intruders_total" in e]
     assert [e["step"] for e in spectral] == [0, 4] and not any(COS in e for e in spectral)
+
+
+def test_first_call_base_for_full_fine_tuning():
+    batch = _batch()
+    model = tiny_bert().double()  # no adapter: disable_adapter() does not exist
+    with pytest.raises(TypeError, match="PEFT model"):
+        ForgettingProxy(batch)(model)
+    proxy = ForgettingProxy(batch, base="first_call")
+    assert proxy(model) == {COS: pytest.approx(1.0, abs=1e-12)}  # the first call is the base
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:  # what training might do
+            layer.output.dense.weight.add_(torch.randn_like(layer.output.dense.weight))
+        expected = torch.nn.functional.cosine_similarity(
+            mean_pooled_last_hidden(model.eval(), batch), mean_pooled_last_hidden(reference, batch), dim=-1
+        ).mean()
+    assert proxy(model)[COS] == pytest.approx(float(expected), abs=1e-12) and float(expected) < 0.99
+    with pytest.raises(ValueError, match=r"base='copy' is invalid"):
+        ForgettingProxy(batch, base="copy")
