@@ -21,6 +21,7 @@ from .full_finetune import DenseMatrix, dense_layers, find_dense_matrices
 from .layers import CapturedMatrix, MonitoredMatrix, describe_skipped, find_lora_matrices, has_peft_layers
 from .linalg import TopSVD, exact_top_singular_triplets, top_singular_triplets
 from .metrics import (
+    all_finite,
     basis_rounding_error,
     count_intruders,
     effective_rank,
@@ -244,7 +245,7 @@ class SpectralMonitor:
         try:
             with torch.no_grad():
                 W0 = matrix.base_weight().detach().to(self.compute_dtype)
-                if not torch.isfinite(W0).all():
+                if not all_finite(W0):
                     raise _NonFinite("pretrained weight contains NaN or Inf")
                 self._basis[matrix.name], self._pretrained_sv[matrix.name] = self._store.basis(W0)
                 self._shapes[matrix.name] = W0.shape
@@ -398,14 +399,14 @@ class SpectralMonitor:
                 f"weight shape {tuple(W0.shape)} no longer matches the snapshot {tuple(self._shapes[matrix.name])}"
             )
         W0 = W0.to(self.compute_dtype)
-        if not torch.isfinite(W0).all():
+        if not all_finite(W0):
             raise _NonFinite("base weight contains NaN or Inf")
         op = matrix.operator(W0)
-        if op.B is not None and not (torch.isfinite(op.B).all() and torch.isfinite(op.A).all()):
+        if op.B is not None and op.A is not None and not (all_finite(op.B) and all_finite(op.A)):
             raise _NonFinite("LoRA factors contain NaN or Inf")
-        if op.row_scale is not None and not torch.isfinite(op.row_scale).all():
+        if op.row_scale is not None and not all_finite(op.row_scale):
             raise _NonFinite("DoRA row scale contains NaN or Inf")
-        if isinstance(matrix, DenseMatrix) and not torch.isfinite(op.W0).all():
+        if isinstance(matrix, DenseMatrix) and not all_finite(op.W0):
             raise _NonFinite("fine-tuned weight contains NaN or Inf")
 
         slack = basis_rounding_error(basis.dtype)
@@ -414,8 +415,11 @@ class SpectralMonitor:
         def distance(max_cos: Tensor) -> Tensor:  # how far each cosine may move before a count flips
             return (max_cos[None, :] - epsilons[:, None]).abs().amin(dim=0) - slack
 
+        cosines: dict[str, Tensor] = {}  # the solver's last margin check, reused below when it settled the answer
+
         def margin(U: Tensor) -> Tensor:
-            return distance(max_abs_cosine(U, basis))
+            cosines["U"], cosines["max_cos"] = U, max_abs_cosine(U, basis)
+            return distance(cosines["max_cos"])
 
         if min(op.shape) <= cfg.exact_below:
             svd = exact_top_singular_triplets(op, cfg.top_k)
@@ -435,7 +439,7 @@ class SpectralMonitor:
             )
             self._warm_start[matrix.name] = svd.block
         self._last_vectors[matrix.name] = svd.U
-        max_cos = max_abs_cosine(svd.U, basis)
+        max_cos = cosines["max_cos"] if cosines.get("U") is svd.U else max_abs_cosine(svd.U, basis)
         if not torch.isfinite(svd.S).all():
             raise _NonFinite("merged weight has non-finite singular values")
         uncertain = int((distance(max_cos) < svd.error).sum())
