@@ -19,7 +19,7 @@ from .basis_store import BasisStore
 from .distributed import is_main_process
 from .full_finetune import DenseMatrix, dense_layers, find_dense_matrices
 from .layers import CapturedMatrix, MonitoredMatrix, describe_skipped, find_lora_matrices, has_peft_layers
-from .linalg import TopSVD, exact_top_singular_triplets, top_singular_triplets
+from .linalg import KrylovSpace, TopSVD, exact_top_singular_triplets, top_singular_triplets
 from .metrics import (
     all_finite,
     basis_rounding_error,
@@ -202,7 +202,7 @@ class SpectralMonitor:
         self._basis: dict[str, Tensor] = {}
         self._shapes: dict[str, torch.Size] = {}
         self._snapshot_errors: dict[str, tuple[type[Exception], str]] = {}
-        self._warm_start: dict[str, Tensor] = {}
+        self._warm_start: dict[str, KrylovSpace] = {}  # each matrix's last search space: the next one's start
         self._last_vectors: dict[str, Tensor] = {}  # top-k left singular vectors of the last measurement
         self._pretrained_sv: dict[str, Tensor] = {}  # singular values of each pretrained weight, from the snapshot
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -424,7 +424,7 @@ class SpectralMonitor:
         if min(op.shape) <= cfg.exact_below:
             svd = exact_top_singular_triplets(op, cfg.top_k)
         else:
-            start = self._warm_start.get(matrix.name)
+            start: Tensor | KrylovSpace | None = self._warm_start.get(matrix.name)
             if start is None or start.shape[0] != op.shape[0]:
                 start = basis[:, : cfg.top_k + cfg.oversample].to(W0.device, W0.dtype)
             svd = top_singular_triplets(
