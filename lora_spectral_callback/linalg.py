@@ -150,21 +150,26 @@ def _extend(Q: Tensor | None, X: Tensor, drop: float) -> Tensor:
     return torch.linalg.qr(X, mode="reduced").Q
 
 
-def _ritz_vector_error(theta: Tensor, R: Tensor, k: int, candidates: int = 16) -> Tensor:
-    """Bound on ``||u_ritz - u_true||`` (signs aligned) for each of the top-k Ritz left vectors.
+def _ritz_vector_error(theta: Tensor, U: Tensor, R: Tensor, k: int, candidates: int = 16) -> Tensor:
+    """Bound on ``||u_ritz - u_true||`` (signs aligned) for each of the top-k Ritz left vectors ``U[:, :k]``.
 
-    ``theta``: Ritz values of ``A = M M^T`` (descending); ``R``: the eigen-residuals ``A U - U diag(theta)``.
-    Davis-Kahan sin-theta theorem (as in Saad 2011, Thm. 4.6 with Sec. 4.3) for every leading sub-block
-    ``U[:, :j]`` (j >= k): with ``gamma_j = ||R[:, :j]||_2`` a true eigenvector ``u_i`` satisfies
-    ``||(I - U_j U_j^T) u_i|| <= gamma_j / (theta_i - theta_{j+1})``, and Rayleigh-Ritz picks it out of the
-    sub-block up to a factor ``sqrt(1 + gamma_j^2 / delta_i^2)`` (``delta_i``: distance to the other Ritz values).
-    Every j gives a valid bound, so the smallest is kept: a slowly converging bottom of the block does not spoil the
-    top, and a near-tie between theta_k and theta_{k+1} is bridged by a larger sub-block. The spectral norm (exact,
-    from the Gram matrix of R; up to ``candidates`` sub-block sizes are tried) is up to sqrt(j) tighter than the
-    Frobenius norm. The sine is turned into the chord ``||u - u_ritz|| = 2 sin(angle / 2)``, which bounds the
-    change of any cosine with a fixed unit vector, and a rounding allowance of ``8 sqrt(m) eps`` is added. (The
-    spectrum of ``A`` beyond the sub-block is assumed below the next Ritz value ``theta_{j+1}``: the search space
-    is assumed not to have missed an eigenvalue above it, as in all Krylov error estimates.)
+    ``theta``: Ritz values of ``A = M M^T`` (descending); ``R``: the computed eigen-residuals
+    ``A U - U diag(theta)``. Davis-Kahan sin-theta theorem (as in Saad 2011, Thm. 4.6 with Sec. 4.3) for every
+    leading sub-block ``U[:, :j]`` (j >= k): with ``gamma_j = ||R[:, :j]||_2`` a true eigenvector ``u_i``
+    satisfies ``||(I - U_j U_j^T) u_i|| <= gamma_j / (theta_i - theta_{j+1})``, and Rayleigh-Ritz picks it out of
+    the sub-block up to a factor ``sqrt(1 + gamma_j^2 / delta_i^2)`` (``delta_i``: distance to the other Ritz
+    values). Every j gives a valid bound, so the smallest is kept: a slowly converging bottom of the block does not
+    spoil the top, and a near-tie between theta_k and theta_{k+1} is bridged by a larger sub-block. The spectral
+    norm (exact, from the Gram matrix of R; up to ``candidates`` sub-block sizes are tried) is up to sqrt(j)
+    tighter than the Frobenius norm.
+
+    Rounding makes the computed ``U`` only nearly diagonalize ``U^T A U``; its off-diagonal part ``C = U^T R``
+    (which the computed residuals contain) turns a vector towards its neighbours by at most
+    ``||C e_i|| / (delta_i - ||C||_2)`` (Davis-Kahan on the small matrix, Weyl for its gap), which is added: it
+    matters only for near-equal Ritz values. The sine is turned into the chord ``||u - u_ritz|| = 2 sin(angle/2)``,
+    which bounds the change of any cosine with a fixed unit vector, and a rounding allowance of ``8 sqrt(m) eps``
+    is added. (The spectrum of ``A`` beyond the sub-block is assumed below the next Ritz value ``theta_{j+1}``: the
+    search space is assumed not to have missed an eigenvalue above it, as in all Krylov error estimates.)
     """
     dtype, tiny = theta.dtype, torch.finfo(theta.dtype).tiny
     rounding = 8 * R.shape[0] ** 0.5 * torch.finfo(dtype).eps
@@ -179,7 +184,9 @@ def _ritz_vector_error(theta: Tensor, R: Tensor, k: int, candidates: int = 16) -
     gaps.fill_diagonal_(float("inf"))
     delta = gaps.min(dim=1).values.clamp_min(tiny)[:k]
     outside = (theta[None, :k] - theta[j][:, None]).clamp_min(tiny)  # (sub-blocks, k)
-    sine = (gamma / outside * torch.sqrt(1 + (gamma / delta) ** 2)).amin(dim=0).clamp(max=1.0)
+    C = U.T @ R
+    mixing = torch.linalg.vector_norm(C[:, :k], dim=0) / (delta - torch.linalg.matrix_norm(C, ord=2)).clamp_min(tiny)
+    sine = ((gamma / outside * torch.sqrt(1 + (gamma / delta) ** 2)).amin(dim=0) + mixing).clamp(max=1.0)
     return sine * torch.sqrt(2 / (1 + torch.sqrt(1 - sine**2))) + rounding
 
 
@@ -315,7 +322,7 @@ def top_singular_triplets(
         space.add(_extend(None, torch.cat(cols, dim=1), drop))
     for it in range(1, max_iter + 1):
         Y, theta, U, R = _rayleigh_ritz(space.Q, space.Z, space.MZ)
-        error = _ritz_vector_error(theta, R, k)
+        error = _ritz_vector_error(theta, U, R, k)
         Uk = U[:, :k]
         unsettled = error > tol
         if not bool(unsettled.any()) and needed_accuracy is not None:  # only then is the margin worth computing
