@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,13 +93,13 @@ def lora_model(W0: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> nn.Module:
     return model
 
 
-def set_factors(model: nn.Module, B: torch.Tensor, A: torch.Tensor) -> None:
+def set_factors(model: Any, B: torch.Tensor, A: torch.Tensor) -> None:
     layer = model.base_model.model.proj
     layer.lora_B["default"].weight.data.copy_(B)
     layer.lora_A["default"].weight.data.copy_(A)
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
     """Median wall time and median process CPU time (all threads) of ``repeats`` calls, and the last result.
 
     On a shared machine wall time includes waiting for cores; CPU time is closer to the work done."""

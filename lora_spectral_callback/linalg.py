@@ -172,7 +172,6 @@ def _ritz_vector_error(theta: Tensor, U: Tensor, R: Tensor, k: int, candidates: 
     search space is assumed not to have missed an eigenvalue above it, as in all Krylov error estimates.)
     """
     dtype, tiny = theta.dtype, torch.finfo(theta.dtype).tiny
-    rounding = 8 * R.shape[0] ** 0.5 * torch.finfo(dtype).eps
     last = theta.numel() - 1  # sub-block sizes j in [k, last]: theta[j] is the next value beyond the sub-block
     if last < k:
         return torch.full((k,), 2**0.5, dtype=dtype, device=theta.device)
@@ -187,7 +186,12 @@ def _ritz_vector_error(theta: Tensor, U: Tensor, R: Tensor, k: int, candidates: 
     C = U.T @ R
     mixing = torch.linalg.vector_norm(C[:, :k], dim=0) / (delta - torch.linalg.matrix_norm(C, ord=2)).clamp_min(tiny)
     sine = ((gamma / outside * torch.sqrt(1 + (gamma / delta) ** 2)).amin(dim=0) + mixing).clamp(max=1.0)
-    return sine * torch.sqrt(2 / (1 + torch.sqrt(1 - sine**2))) + rounding
+    return sine * torch.sqrt(2 / (1 + torch.sqrt(1 - sine**2))) + _rounding(R.shape[0], dtype)
+
+
+def _rounding(m: int, dtype: torch.dtype) -> float:
+    """Allowance for rounding in a computed unit m-vector; also the finest accuracy a solve can promise."""
+    return 8 * m**0.5 * torch.finfo(dtype).eps
 
 
 class _Space:
@@ -270,6 +274,7 @@ def top_singular_triplets(
     oversample: int = 10,
     tol: float = 1e-2,
     max_iter: int = 100,
+    stall_patience: int = 5,
     max_block: int | None = None,
     needed_accuracy: Callable[[Tensor], Tensor] | None = None,
     generator: torch.Generator | None = None,
@@ -287,12 +292,14 @@ def top_singular_triplets(
     product streams all of ``W0`` whatever its width, so wide steps cost little more and save steps). Iteration
     stops once every top-k vector's error bound is below ``tol`` and below what ``needed_accuracy(U_k)`` asks per
     vector (the distance of its cosine from a decision threshold; a vector whose cosine is certainly closer to a
-    threshold than that allows is left as it is -- no iteration can decide it). ``needed_accuracy`` is called at
+    threshold than that allows, or asks for less than rounding permits, is left as it is -- no iteration can decide
+    it, and ``uncertain`` reports it). ``needed_accuracy`` is called at
     most once per step, and the tensor it was last called with is the returned ``U`` when that call settled
     everything, so the caller can keep what it computed. A space of ``max_block`` columns (default
     ``8 * (k + oversample)``) is thick-restarted from its top half of Ritz vectors, which costs no product. A space
     that would span ``min(m, n)`` columns is replaced by a dense float64 SVD, exact and cheaper at that size.
-    ``converged`` is False only if ``max_iter`` steps ended the iteration.
+    ``converged`` is False if ``max_iter`` steps ended the iteration, or ``stall_patience`` steps without a 10%
+    smaller bound (singular values too close for working precision to separate them).
     """
     m, n = M.shape
     k = min(k, m, n)
@@ -300,6 +307,8 @@ def top_singular_triplets(
     max_block = max(min(max_block or 8 * (k + oversample), m, n), p + k)
     width = k + oversample // 2  # new directions per step
     drop = torch.finfo(M.W0.dtype).eps ** 0.5
+    floor = _rounding(m, M.W0.dtype)
+    best, stalled = float("inf"), 0
     space = _Space(M)
     checksum = _checksum(M.W0) if space.split else None
     if (
@@ -327,11 +336,15 @@ def top_singular_triplets(
         unsettled = error > tol
         if not bool(unsettled.any()) and needed_accuracy is not None:  # only then is the margin worth computing
             needed = needed_accuracy(Uk)
-            unsettled = (error > needed) & (needed + error > 0)
+            unsettled = (error > needed) & (needed > floor)  # below the floor no solve in this precision decides
         if not bool(unsettled.any()) or it == max_iter:
             break
+        worst = float(error[unsettled].max())  # only an informative bound counts: far off it sits at its cap
+        best, stalled = (worst, 0) if worst < 0.9 * best else (best, stalled + (worst < 1.0))
+        if stalled >= stall_patience:
+            break
         a = space.Q.shape[1]
-        if a + k >= min(m, n):
+        if a + width >= min(m, n):  # the next step would span everything: a dense SVD is exact and cheaper
             exact = exact_top_singular_triplets(M, k)
             exact.iterations = it
             return exact
