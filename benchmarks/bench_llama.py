@@ -12,9 +12,9 @@ public ``SpectralMonitor`` API, one monitor per matrix kind (``include=``), it m
   ``--every`` steps at ``--step-seconds`` per optimizer step.
 
 The weights are HF's random init (normal, std 0.02): a Marchenko-Pastur spectrum with a crowded top edge, which
-is harder for the solver than the heavy-tailed spectra of trained weights. Each adapter is "trained" by drawing B
-at random with its update's largest singular value ``--update-scale`` times the pretrained one, so the merged
-top-10 mixes update and pretrained directions.
+is harder for the solver than the heavy-tailed spectra of trained weights. Each adapter is "trained" by drawing
+random factors whose update has singular values ``--update-scale`` x sigma_1(W0) / i, i = 1..16 (the low effective
+rank of trained LoRA updates), so the merged top-10 mixes a few update directions with pretrained ones.
 
 The default step time, 3 s, is a Llama-3-8B LoRA step on one H100: 16 sequences x 2048 tokens per optimizer step,
 ~4 x 8e9 FLOP per token (forward plus activation gradients; frozen weights need no weight gradients) = 1.0e15 FLOP,
@@ -34,7 +34,6 @@ from typing import Any
 import torch
 
 from lora_spectral_callback import SpectralMonitor
-from lora_spectral_callback.metrics import low_rank_singular_values
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LLAMA3_8B_LAYERS = 32
@@ -83,13 +82,16 @@ def top_singular_value(W: torch.Tensor, steps: int = 30) -> float:
 
 @torch.no_grad()
 def train_adapters(model, scale: float, seed: int) -> None:
-    """Random B with the update's top singular value ``scale`` times the pretrained weight's."""
+    """Random factors whose update ``s B A`` has singular values ``scale * sigma_1(W0) / i`` (i = 1..r): a few
+    dominant directions, like the low effective rank of trained LoRA updates."""
     g = torch.Generator().manual_seed(seed)
     for layer in lora_layers(model).values():
         A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        Bn = torch.randn(B.shape, generator=g).to(B.device, torch.float32)
-        update = low_rank_singular_values(Bn * layer.scaling["default"], A.float())[0]
-        B.copy_(Bn * (scale * top_singular_value(layer.get_base_layer().weight) / float(update)))
+        Qa = torch.linalg.qr(torch.randn(A.shape[1], RANK, generator=g)).Q
+        Qb = torch.linalg.qr(torch.randn(B.shape[0], RANK, generator=g)).Q
+        sigma = scale * top_singular_value(layer.get_base_layer().weight) / torch.arange(1, RANK + 1)
+        A.copy_(Qa.T.to(A.device, A.dtype) / A.shape[1] ** 0.5)  # rows of PEFT's init size
+        B.copy_((Qb * sigma * A.shape[1] ** 0.5 / layer.scaling["default"]).to(B.device, B.dtype))
 
 
 @torch.no_grad()
