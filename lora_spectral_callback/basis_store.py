@@ -1,8 +1,8 @@
 """Where the pretrained bases live: in memory, or in memory-mapped safetensors files reused across runs.
 
 Pure torch + safetensors. The thin left singular basis ``U0`` of a pretrained weight is the one expensive,
-one-time part of monitoring (a full decomposition) and, stored in fp16, as large as the weight itself in fp16. Two things
-make it cheaper:
+one-time part of monitoring (a full decomposition) and, stored in fp16, as large as the weight itself in fp16.
+Two things make it cheaper:
 
 - a **cache** keyed by a hash of the weight (plus shape and dtypes): a sweep of runs on one base model computes
   each basis once (``cache_dir``);

@@ -364,9 +364,8 @@ def top_singular_triplets(
         space.add(Qn)
     V = space.Z @ Y[:, :k]  # M^T u = sigma v
     V = V / torch.linalg.vector_norm(V, dim=0).clamp_min(torch.finfo(V.dtype).tiny)
-    handover = space.handover(
-        Y[:, : min(p + p // 2, Y.shape[1])], checksum
-    )  # a wider hand-over saves steps on crowded spectra
+    keep = min(p + p // 2, Y.shape[1])  # wider than the start block: fewer steps on crowded spectra
+    handover = space.handover(Y[:, :keep], checksum)
     return TopSVD(Uk, theta[:k].sqrt(), V, error, it, not bool(unsettled.any()), handover)
 
 
