@@ -22,9 +22,10 @@ from .distributed import all_gather_objects, is_main_process, rank_and_world
 from .full_finetune import DenseMatrix, dense_layers, find_dense_matrices
 from .guard import FaultGuard
 from .layers import describe_skipped, find_lora_matrices, has_peft_layers
-from .linalg import TopSVD, exact_top_singular_triplets, top_singular_triplets
+from .linalg import KrylovSpace, TopSVD, exact_top_singular_triplets, top_singular_triplets
 from .matrix import WeightMatrix
 from .metrics import (
+    all_finite,
     basis_rounding_error,
     count_intruders,
     effective_rank,
@@ -213,7 +214,7 @@ class LayerState:
     pretrained_sv: Tensor | None = None  # its singular values (float64, CPU), from the same SVD: pictures
     shape: torch.Size | None = None  # the pretrained weight's shape: a layer that changed shape is refused
     snapshot_error: tuple[type[Exception], str] | None = None  # why the snapshot failed (retried next snapshot)
-    warm_start: Tensor | None = None  # the last solver block: seeds the next measurement
+    warm_start: KrylovSpace | None = None  # the last measurement's search space: seeds the next one
     last_vectors: Tensor | None = None  # the last top-k left singular vectors: pictures
 
 
@@ -381,7 +382,7 @@ class SpectralMonitor:
         try:
             with torch.no_grad():
                 W0 = matrix.base_weight().detach().to(self.compute_dtype)
-                if not torch.isfinite(W0).all():
+                if not all_finite(W0):
                     raise _NonFinite("pretrained weight contains NaN or Inf")
                 basis, sv = self._store.basis(W0)
                 state.shape, state.pretrained_sv, state.snapshot_error = W0.shape, sv, None
@@ -606,14 +607,14 @@ class SpectralMonitor:
         if W0.shape != state.shape:
             raise ValueError(f"weight shape {tuple(W0.shape)} no longer matches the snapshot {tuple(state.shape)}")
         W0 = W0.to(self.compute_dtype)
-        if not torch.isfinite(W0).all():
+        if not all_finite(W0):
             raise _NonFinite("base weight contains NaN or Inf")
         op = matrix.operator(W0)
-        if op.B is not None and op.A is not None and not (torch.isfinite(op.B).all() and torch.isfinite(op.A).all()):
+        if op.B is not None and op.A is not None and not (all_finite(op.B) and all_finite(op.A)):
             raise _NonFinite("LoRA factors contain NaN or Inf")
-        if op.row_scale is not None and not torch.isfinite(op.row_scale).all():
+        if op.row_scale is not None and not all_finite(op.row_scale):
             raise _NonFinite("DoRA row scale contains NaN or Inf")
-        if op.W0 is not W0 and not torch.isfinite(op.W0).all():  # a dense merged weight (full fine-tuning)
+        if op.W0 is not W0 and not all_finite(op.W0):  # a dense merged weight (full fine-tuning)
             raise _NonFinite("fine-tuned weight contains NaN or Inf")
 
         slack = basis_rounding_error(basis.dtype)
@@ -622,13 +623,16 @@ class SpectralMonitor:
         def distance(max_cos: Tensor) -> Tensor:  # how far each cosine may move before a count flips
             return (max_cos[None, :] - epsilons[:, None]).abs().amin(dim=0) - slack
 
+        cosines: dict[str, Tensor] = {}  # the solver's last margin check, reused below when it settled the answer
+
         def margin(U: Tensor) -> Tensor:
-            return distance(max_abs_cosine(U, basis))
+            cosines["U"], cosines["max_cos"] = U, max_abs_cosine(U, basis)
+            return distance(cosines["max_cos"])
 
         if min(op.shape) <= cfg.exact_below:
             svd = exact_top_singular_triplets(op, cfg.top_k)
         else:
-            start = state.warm_start
+            start: Tensor | KrylovSpace | None = state.warm_start
             if start is None or start.shape[0] != op.shape[0]:
                 start = basis[:, : cfg.top_k + cfg.oversample].to(W0.device, W0.dtype)
             svd = top_singular_triplets(
@@ -643,7 +647,7 @@ class SpectralMonitor:
             )
             state.warm_start = svd.block
         state.last_vectors = svd.U
-        max_cos = max_abs_cosine(svd.U, basis)
+        max_cos = cosines["max_cos"] if cosines.get("U") is svd.U else max_abs_cosine(svd.U, basis)
         if not torch.isfinite(svd.S).all():
             raise _NonFinite("merged weight has non-finite singular values")
         uncertain = int((distance(max_cos) < svd.error).sum())

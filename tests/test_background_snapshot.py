@@ -25,10 +25,10 @@ def held_snapshot(monkeypatch):
     release = threading.Event()
     real = basis_store_module.pretrained_basis_and_spectrum
 
-    def held(W0, dtype):
+    def held(W0, dtype, method):
         if threading.current_thread() is not threading.main_thread():
             assert release.wait(timeout=120), "the test never released the snapshot"
-        return real(W0, dtype)
+        return real(W0, dtype, method)
 
     monkeypatch.setattr(basis_store_module, "pretrained_basis_and_spectrum", held)
     return release
@@ -86,7 +86,7 @@ def test_start_decides_by_the_timed_first_layer():
 
 
 def test_strict_failure_in_the_background_is_raised_on_the_caller(monkeypatch):
-    def broken(W0, dtype):
+    def broken(W0, dtype, method):
         raise torch.OutOfMemoryError("simulated")
 
     monkeypatch.setattr(basis_store_module, "pretrained_basis_and_spectrum", broken)

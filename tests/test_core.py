@@ -202,3 +202,91 @@ def test_effective_rank_estimate_matches_float64_svd(decay):
     tiny = delta.float() * 1e-25  # scale-free: a tiny update must not underflow in the Gram products
     assert estimate_effective_rank(tiny, generator=torch.Generator().manual_seed(3)) == pytest.approx(first, rel=1e-4)
     assert estimate_effective_rank(torch.zeros(50, 40)) == 0.0
+
+
+def _solve(op, basis, start, **options):
+    """The solver as the monitor runs it (fp16-stored basis, margins at EPSILONS), returning (svd, max_cos)."""
+    slack = basis_rounding_error(basis.dtype)
+    eps = torch.tensor(EPSILONS, dtype=op.W0.dtype)
+
+    def margin(U):
+        return (max_abs_cosine(U, basis)[None] - eps[:, None]).abs().amin(0) - slack
+
+    svd = top_singular_triplets(op, 10, start, needed_accuracy=margin, **options)
+    return svd, max_abs_cosine(svd.U, basis)
+
+
+def _assert_matches_float64(svd, max_cos, W0, W):
+    ref_cos, ref_s = reference(W0, W)
+    assert (ref_cos[:, None] - torch.tensor(EPSILONS, dtype=torch.float64)).abs().min() > 2e-3, "pick another seed"
+    U_ref = torch.linalg.svd(W, full_matrices=False)[0][:, :10]
+    actual = (svd.U.double() - U_ref * torch.sign((svd.U.double() * U_ref).sum(0))).norm(dim=0)
+    assert svd.converged
+    assert count_intruders(max_cos, EPSILONS) == count_intruders(ref_cos, EPSILONS)
+    assert (actual <= svd.error.double() + 1e-6).all()  # the bound holds (fp32 solve against float64 vectors)
+    torch.testing.assert_close(svd.S.double(), ref_s, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("m,n,decay", [(1024, 1024, 0.1), (1024, 1024, 0.5), (1536, 768, 0.2), (600, 1400, 0.2)])
+def test_warm_start_after_drift_reuses_products_and_stays_exact(m, n, decay):
+    """A measurement, then B drifted by 5% of its norm (~50 training steps) and A by 2%: the second solve starts from
+    the first one's KrylovSpace, reusing its W0 products, and still agrees with float64 LAPACK."""
+    W0 = spectrum_matrix(m, n, decay, 11)
+    B, A = lora_update(m, n, 8, 0.8 * W0.norm(p=2).item(), 11)
+    g = torch.Generator().manual_seed(12)
+    B2 = B + 0.05 * B.norm() * (G := torch.randn(B.shape, generator=g, dtype=torch.float64)) / G.norm()
+    A2 = A + 0.02 * A.norm() * (H := torch.randn(A.shape, generator=g, dtype=torch.float64)) / H.norm()
+    basis = pretrained_basis_and_spectrum(W0.float())[0].half()
+    first, _ = _solve(LowRankUpdatedMatrix(W0.float(), B.float(), A.float()), basis, basis[:, :20].float())
+    assert first.block.W0tQ is not None and first.block.checksum is not None
+    torch.testing.assert_close(first.block.W0tQ, W0.float().T @ first.block.Q, rtol=0, atol=1e-4)
+    svd, max_cos = _solve(LowRankUpdatedMatrix(W0.float(), B2.float(), A2.float()), basis, first.block)
+    _assert_matches_float64(svd, max_cos, W0, W0 + B2 @ A2)
+
+
+def test_stale_krylov_space_is_only_a_start_block():
+    """A KrylovSpace whose W0 has changed since (full fine-tuning, a merged adapter) must not lend its products."""
+    W0 = spectrum_matrix(800, 800, 0.2, 13)
+    B, A = lora_update(800, 800, 8, 0.8 * W0.norm(p=2).item(), 13)
+    basis = pretrained_basis_and_spectrum(W0.float())[0].half()
+    first, _ = _solve(LowRankUpdatedMatrix(W0.float(), B.float(), A.float()), basis, basis[:, :20].float())
+    W1 = W0 + 0.3 * spectrum_matrix(800, 800, 0.2, 14)  # the "pretrained" part moved
+    svd, max_cos = _solve(LowRankUpdatedMatrix(W1.float(), B.float(), A.float()), basis, first.block)
+    ref_cos = (torch.linalg.svd(W1 + B @ A)[0][:, :10].T @ basis.double()).abs().amax(1)
+    assert svd.converged
+    assert count_intruders(max_cos, EPSILONS) == count_intruders(ref_cos, EPSILONS)
+    assert ((max_cos.double() - ref_cos).abs() <= svd.error.double() + 1e-6).all()
+
+
+def test_row_scaled_operator_and_thick_restart_agree_with_float64():
+    """DoRA's row scale (products not split, no reusable W0 products) with a tiny max_block forcing thick restarts."""
+    W0 = spectrum_matrix(900, 700, 0.1, 15)
+    B, A = lora_update(900, 700, 8, 0.7 * W0.norm(p=2).item(), 15)
+    d = torch.rand(900, generator=torch.Generator().manual_seed(15), dtype=torch.float64) + 0.5
+    basis = pretrained_basis_and_spectrum(W0.float())[0].half()
+    op = LowRankUpdatedMatrix(W0.float(), B.float(), A.float(), d.float())
+    svd, max_cos = _solve(op, basis, basis[:, :20].float(), max_block=40)
+    assert svd.block.W0tQ is None
+    _assert_matches_float64(svd, max_cos, W0, d[:, None] * (W0 + B @ A))
+
+
+def test_space_reaching_the_smaller_dimension_falls_back_to_dense_svd():
+    W0 = spectrum_matrix(400, 60, 0.05, 16)
+    B, A = lora_update(400, 60, 4, 0.5 * W0.norm(p=2).item(), 16)
+    svd = top_singular_triplets(LowRankUpdatedMatrix(W0, B, A), 10, None, tol=1e-12, max_iter=50)
+    S_ref = torch.linalg.svdvals(W0 + B @ A)
+    assert svd.converged and (svd.error == 0).all()
+    torch.testing.assert_close(svd.S, S_ref[:10], rtol=1e-10, atol=0)
+
+
+def test_all_finite_is_exact():
+    from lora_spectral_callback.metrics import all_finite
+
+    x = torch.randn(300, 200)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[17, 3] = bad
+        assert not all_finite(y)
+    huge = torch.full((4, 4), 3e38)  # finite entries whose sum overflows: the elementwise check decides
+    assert all_finite(huge) and not all_finite(torch.cat([huge.flatten(), torch.tensor([float("nan")])]))

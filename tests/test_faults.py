@@ -169,11 +169,11 @@ def test_out_of_memory_in_the_pretrained_snapshot_skips_the_layer(tmp_path, capl
 
     failures = []
 
-    def basis(W0, dtype):  # the first layer fails at train begin and at the retry before the step-0 measurement
+    def basis(W0, dtype, method):  # the first layer fails at train begin and at the retry before the step-0 measurement
         if len(failures) < 2 and W0.data_ptr() in failures + [W0.data_ptr()] * (not failures):
             failures.append(W0.data_ptr())
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return real(W0, dtype)
+        return real(W0, dtype, method)
 
     monkeypatch.setattr(basis_store, "pretrained_basis_and_spectrum", basis)
     trainer, _callback = run(tmp_path, lambda model, step: None, caplog)

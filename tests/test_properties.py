@@ -75,7 +75,7 @@ def assume_well_posed(p: Problem, basis_too: bool = False) -> None:
 
 
 def exact(p: Problem):
-    basis = pretrained_basis_and_spectrum(p.W0, torch.float64)[0]
+    basis = pretrained_basis_and_spectrum(p.W0, torch.float64, "svd")[0]  # the reference's own basis
     svd = exact_top_singular_triplets(LowRankUpdatedMatrix(p.W0, p.B, p.A), p.k)
     return max_abs_cosine(svd.U, basis), svd
 
@@ -83,7 +83,7 @@ def exact(p: Problem):
 def iterative(p: Problem, oversample: int = 2):
     """The warm-started subspace iteration as the monitor runs it (seeded by the pretrained basis, stopped once
     every count is certain), with a small block so that it really iterates on these small matrices."""
-    basis = pretrained_basis_and_spectrum(p.W0, torch.float64)[0]
+    basis = pretrained_basis_and_spectrum(p.W0, torch.float64, "svd")[0]  # the reference's own basis
     epsilons = torch.tensor(p.epsilons, dtype=torch.float64)
 
     def margin(U):
@@ -196,3 +196,21 @@ def test_shapes_reach_the_iterative_path_and_stay_orthonormal(shape):
     assert svd.converged and svd.iterations >= 2
     assert torch.allclose(svd.U.T @ svd.U, torch.eye(3, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(max_cos, reference(p)[0], atol=float(svd.error.max()) + 1e-9)
+
+
+# -- the snapshot ------------------------------------------------------------------------------------------------
+@PROPERTIES
+@given(problems())
+def test_gram_snapshot_is_the_thin_svd_basis(p):
+    """The default snapshot (float64 eigendecomposition of the smaller Gram matrix) against LAPACK's thin SVD, on
+    tall, wide and rank-deficient weights: all min(m, n) columns, orthonormal (null space included), the same
+    singular values, and the same vector wherever LAPACK's is determined (singular value well separated)."""
+    U, S = pretrained_basis_and_spectrum(p.W0, torch.float64, "gram")
+    U_ref, S_ref, _ = torch.linalg.svd(p.W0, full_matrices=False)
+    top = float(S_ref[0])
+    assert U.shape == U_ref.shape
+    assert torch.allclose(U.T @ U, torch.eye(U.shape[1], dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(S, S_ref, rtol=0, atol=1e-7 * top)
+    others = (S_ref[:, None] - S_ref[None, :]).abs() + torch.eye(S.numel(), dtype=torch.float64) * top
+    determined = (S_ref > GAP * top) & (others.min(dim=1).values > GAP * top)
+    assert bool(((U * U_ref).sum(0).abs()[determined] > 1 - 1e-8).all())
