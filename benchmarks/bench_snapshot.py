@@ -3,8 +3,8 @@
 For each weight shape (default: Llama-3-8B's q/o, k/v, down and gate/up) and pretrained spectrum sigma_i ~ i^-decay
 (flat 0.1, steep 0.5; random singular vectors), it times
 
-- ``svd fp32``: ``torch.linalg.svd`` in float32, the paper's code and this package's previous default;
-- ``gram fp64``: the float64 eigendecomposition of the smaller Gram matrix (``method="gram"``, the default now);
+- ``svd fp32``: ``torch.linalg.svd`` in float32, as the paper's code computes it;
+- ``gram fp64``: the float64 eigendecomposition of the smaller Gram matrix (``method="gram"``, the default);
 - ``gram fp32``: the same in float32 (measured, not offered: see its accuracy);
 - ``svd fp64``: the float64 reference itself;
 - on CUDA also ``torch.linalg.svd``'s drivers ``gesvd``, ``gesvdj``, ``gesvda`` (float32).

