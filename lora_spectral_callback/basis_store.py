@@ -22,7 +22,6 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from .metrics import pretrained_basis_and_spectrum
 
-__all__ = ["BasisStore", "weight_fingerprint", "snapshot_owners", "snapshot_share"]
+__all__ = ["BasisStore", "weight_fingerprint"]
 
 _KEY, _SPECTRUM_KEY, _WEIGHT_KEY = "basis", "singular_values", "weight"
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -114,34 +113,6 @@ class BasisStore:
     def _compute(self, W0: Tensor) -> tuple[Tensor, Tensor]:
         self.computed += 1
         return pretrained_basis_and_spectrum(W0, W0.dtype, self.method)
-
-
-def snapshot_owners(shapes: Sequence[tuple[int, int]], world_size: int) -> list[int]:
-    """The rank that computes each basis: greedy longest-processing-time assignment by the decomposition's cost
-    (``m n min(m, n)``), within 4/3 of the best balance (Graham 1969). Deterministic, so every rank derives the same
-    split without communicating."""
-    cost = [m * n * min(m, n) for m, n in shapes]
-    load = [0] * world_size
-    owners = [0] * len(shapes)
-    for i in sorted(range(len(shapes)), key=lambda i: -cost[i]):
-        owners[i] = min(range(world_size), key=lambda r: load[r])
-        load[owners[i]] += cost[i]
-    return owners
-
-
-def snapshot_share(
-    weights: Mapping[str, Tensor], store: BasisStore, rank: int = 0, world_size: int = 1
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """This rank's share of a snapshot: ``{name: (basis, singular values)}`` for the weights
-    :func:`snapshot_owners` gives it (all of them when ``world_size == 1``).
-
-    Weights must be in the compute dtype and finite. No model or process group is touched, so this runs as it is
-    in a background thread (pretrained weights are frozen while training reads them) or on each rank of a
-    DDP/FSDP job; the caller gathers the shares (``torch.distributed.all_gather_object``, or through a shared
-    ``cache_dir``: each rank writes its share, a barrier, then every basis is a cache hit).
-    """
-    owners = snapshot_owners([(W.shape[0], W.shape[1]) for W in weights.values()], world_size)
-    return {name: store.basis(W) for (name, W), owner in zip(weights.items(), owners, strict=True) if owner == rank}
 
 
 def _save_atomically(tensors: dict[str, Tensor], path: str) -> None:

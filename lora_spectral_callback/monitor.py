@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .background import Worker
 from .basis_store import BasisStore
-from .distributed import all_gather_objects, is_main_process, rank_and_world
+from .distributed import all_gather_objects, balanced_owners, is_main_process, rank_and_world
 from .full_finetune import DenseMatrix, dense_layers, find_dense_matrices
 from .guard import FaultGuard
 from .layers import describe_skipped, find_lora_matrices, has_peft_layers
@@ -95,8 +95,8 @@ class SpectralConfig:
             background when it would take longer than ``background_after`` seconds.
         background_after: Seconds of projected snapshot time above which ``"auto"`` goes to the background.
         split_across_ranks: In a multi-process LoRA run whose ranks each hold whole weights (DDP, ZeRO-1/2),
-            every rank snapshots and measures every world-th matrix and the reports are combined on the main
-            process; ``measure`` is then a collective (call it on every rank). The callback turns it on unless
+            every rank snapshots and measures its share of the matrices (balanced by snapshot cost) and the
+            reports are combined on the main process; ``measure`` is then a collective (call it on every rank). The callback turns it on unless
             ``asynchronous``.
 
     Raises:
@@ -277,6 +277,7 @@ class SpectralMonitor:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._guard = FaultGuard(cfg.strict)
         self._snapshot_worker: Worker[None] | None = None
+        self._owned: list[WeightMatrix] | None = None  # this rank's share when split across ranks (see _share)
 
     # -- snapshot -------------------------------------------------------------------------------------------
     @property
@@ -350,11 +351,17 @@ class SpectralMonitor:
         return self.config.split_across_ranks and self.mode == "lora" and rank_and_world()[1] > 1 and not self.sharded
 
     def _share(self) -> list[WeightMatrix]:
-        """The matrices this process snapshots and measures: every world-th one when split across ranks."""
+        """The matrices this process snapshots and measures: when split across ranks, a share balanced by the cost
+        of a snapshot (``m n min(m, n)``, the slow part), the same on every rank; decided once."""
         if not self.split:
             return self.matrices
-        rank, world = rank_and_world()
-        return self.matrices[rank::world]
+        if self._owned is None:
+            rank, world = rank_and_world()
+            with torch.no_grad():
+                shapes = [matrix.base_weight().shape for matrix in self.matrices]
+            owners = balanced_owners([m * n * min(m, n) for m, n in shapes], world)
+            self._owned = [matrix for matrix, owner in zip(self.matrices, owners, strict=True) if owner == rank]
+        return self._owned
 
     def _snapshot(self, todo: list[WeightMatrix], wait: bool) -> None:
         if not todo:

@@ -86,8 +86,8 @@ class GuardedWriter:
 
     Every call goes through a :class:`~.guard.FaultGuard` (logged once, recorded in the report's ``errors``, so
     ``spectral/errors`` in the log history counts a write that could not reach the writer itself). A writer that
-    fails ``max_failures`` reports in a row (a disk that stays full) is closed and dropped for the rest of the run;
-    ``alive`` tells. ``label`` names the backend in messages ("TensorBoard write failed ...").
+    fails ``max_failures`` reports in a row (a disk that stays full) is closed and dropped for the rest of the run.
+    ``label`` names the backend in messages ("TensorBoard write failed ...").
     """
 
     def __init__(self, writer: MetricWriter, guard: FaultGuard, label: str = "TensorBoard", max_failures: int = 3):
@@ -96,10 +96,6 @@ class GuardedWriter:
         self.label = label
         self.max_failures = max_failures
         self._failures = 0
-
-    @property
-    def alive(self) -> bool:
-        return self._writer is not None
 
     def write(self, report: SpectralReport, step: int) -> None:
         writer = self._writer

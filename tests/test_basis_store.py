@@ -103,26 +103,3 @@ def test_fingerprint_depends_on_values_shape_and_dtype():
 def test_bad_basis_device_fails_at_construction():
     with pytest.raises(ValueError, match="basis_device"):
         SpectralMonitor(lora_bert(), basis_device="floppy")
-
-
-def test_snapshot_shares_split_the_work_and_add_up_to_the_whole():
-    """Each rank's share (a background thread's, or one DDP rank's) is a deterministic, cost-balanced part; the shares
-    together are the full snapshot, equal to computing every basis in one place."""
-    from lora_spectral_callback.basis_store import snapshot_owners, snapshot_share
-
-    shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
-    owners = snapshot_owners(shapes, 4)
-    assert owners == snapshot_owners(shapes, 4) and set(owners) == {0, 1, 2, 3}
-    load = [sum(m * n * min(m, n) for (m, n), o in zip(shapes, owners, strict=True) if o == r) for r in range(4)]
-    assert max(load) == 14336 * 4096 * 4096  # no rank gets more than the largest single matrix here
-    assert snapshot_owners(shapes, 1) == [0] * len(shapes)
-
-    g = torch.Generator().manual_seed(0)
-    weights = {f"w{i}": torch.randn(m, n, generator=g) for i, (m, n) in enumerate([(40, 30), (30, 50), (20, 20)])}
-    store = BasisStore(torch.float16)
-    shares = [snapshot_share(weights, store, rank, 2) for rank in range(2)]
-    assert not shares[0].keys() & shares[1].keys() and (shares[0].keys() | shares[1].keys()) == weights.keys()
-    for name, W in weights.items():
-        U0, S = (shares[0] | shares[1])[name]
-        U_ref, S_ref = store.basis(W)
-        assert torch.equal(U0, U_ref) and torch.equal(S, S_ref)

@@ -182,3 +182,26 @@ def test_deepspeed_zero3_trainer_two_processes_gather_measure_once_and_stop_toge
     assert zero2["svds"] == zero2_other["svds"] == 2
     assert zero2_other["measured"] == [[2, False]] and all(got for _, got in zero2["measured"])
     assert len(list((tmp_path / "tb-zero2").rglob("events*"))) == 1
+
+
+def test_split_across_ranks_is_deterministic_and_balanced_by_snapshot_cost():
+    """Every rank derives the same owners alone; no rank gets more than the largest single matrix here, and a model
+    whose matrix kinds repeat with the world size (q, k, v, o on 4 ranks) is not split one kind per rank."""
+    from lora_spectral_callback.distributed import balanced_owners
+
+    def loads(shapes, world):
+        owners = balanced_owners([m * n * min(m, n) for m, n in shapes], world)
+        assert owners == balanced_owners([m * n * min(m, n) for m, n in shapes], world)
+        return owners, [
+            sum(m * n * min(m, n) for (m, n), o in zip(shapes, owners, strict=True) if o == r) for r in range(world)
+        ]
+
+    llama = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+    owners, load = loads(llama, 4)
+    assert set(owners) == {0, 1, 2, 3}
+    assert max(load) == 14336 * 4096 * 4096
+    assert balanced_owners([1.0] * 7, 1) == [0] * 7
+
+    attention = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096)] * 8  # q, k, v, o of 8 layers
+    _, load = loads(attention, 4)
+    assert max(load) <= 4 / 3 * sum(load) / 4  # Graham's bound; every 4th matrix (one kind per rank) is 1.9x
