@@ -147,16 +147,18 @@ def run_case(n: int, decay: float, args: argparse.Namespace) -> dict:
     snapshot_s = time.perf_counter() - t0
 
     def cold():
-        for state in monitor._layers.values():  # a first measurement: nothing to start from but the pretrained basis
+        # a first measurement: nothing to start from but the pretrained basis
+        for state in monitor.snapshots.layers.values():
             state.warm_start = None
         return monitor.measure(0)
 
     cold_s, cold_cpu, cold_report = timed(cold, args.repeats)
-    previous = {name: state.warm_start for name, state in monitor._layers.items()}  # what measuring (B, A) leaves
+    layers = monitor.snapshots.layers
+    previous = {name: state.warm_start for name, state in layers.items()}  # what measuring (B, A) leaves
     set_factors(model, B2.to(dev), A.to(dev))
 
     def warm():
-        for name, state in monitor._layers.items():  # each repeat: measured at (B, A), then B drifted, then measured
+        for name, state in layers.items():  # each repeat: measured at (B, A), then B drifted, then measured
             state.warm_start = previous[name]
         return monitor.measure(1)
 

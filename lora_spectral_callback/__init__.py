@@ -8,10 +8,11 @@ forgetting measurement stand-in and its post-hoc mitigation.
 """
 
 from .alerts import Alert, IntruderThreshold
+from .config import SpectralConfig
 from .forgetting import ForgettingProxy
 from .matrix import WeightMatrix
 from .mitigation import MitigationResult, scale_intruders
-from .monitor import SpectralConfig, SpectralMonitor
+from .monitor import SpectralMonitor
 from .report import LayerReport, SpectralReport
 from .writers import MetricWriter, TensorBoardWriter
 

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .config import require, require_int
 from .report import SpectralReport
 
 __all__ = ["IntruderThreshold", "Alert"]
@@ -56,20 +57,16 @@ class IntruderThreshold:
         max_intruder_energy_share: float | None = None,
         max_intruder_sigma_ratio: float | None = None,
     ) -> None:
-        for name, value in (("max_intruders", max_intruders), ("max_intruders_per_layer", max_intruders_per_layer)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"{name}={value!r} is invalid: must be None or an integer >= 0")
+        require_int("max_intruders", max_intruders, 0, optional=True)
+        require_int("max_intruders_per_layer", max_intruders_per_layer, 0, optional=True)
         for option, limit, upper in (
             ("max_intruder_energy_share", max_intruder_energy_share, 1.0),
             ("max_intruder_sigma_ratio", max_intruder_sigma_ratio, math.inf),
         ):
-            if limit is not None and (
-                not isinstance(limit, (int, float)) or isinstance(limit, bool) or not 0 <= limit <= upper
-            ):
-                bound = "in [0, 1]" if upper == 1.0 else ">= 0"
-                raise ValueError(f"{option}={limit!r} is invalid: must be None or a number {bound}")
-        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
-            raise ValueError(f"patience={patience!r} is invalid: must be an integer >= 1")
+            number = isinstance(limit, (int, float)) and not isinstance(limit, bool)
+            bound = "in [0, 1]" if upper == 1.0 else ">= 0"
+            require(limit is None or (number and 0 <= limit <= upper), option, limit, f"None or a number {bound}")
+        require_int("patience", patience, 1)
         self.max_intruders = max_intruders
         self.max_intruders_per_layer = max_intruders_per_layer
         self.max_intruder_energy_share = max_intruder_energy_share

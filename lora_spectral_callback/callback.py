@@ -14,10 +14,11 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from . import baseline
 from .alerts import Alert, IntruderThreshold
 from .background import BackgroundMeasurer
+from .config import SpectralConfig, require, require_int
 from .distributed import any_rank
 from .figures import figure_layers, require_matplotlib
 from .guard import FaultGuard
-from .monitor import SpectralConfig, SpectralMonitor, _is_int
+from .monitor import SpectralMonitor
 from .report import SpectralReport
 from .writers import GuardedWriter, TensorBoardWriter, headline_metrics
 
@@ -101,6 +102,23 @@ class LoRASpectralCallback(TrainerCallback):
 
     Raises:
         ValueError: A bad option, naming it and what is allowed (before training starts).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+        >>> _ = torch.manual_seed(0)
+        >>> config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+        >>> lora = LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+        >>> model = get_peft_model(BertForSequenceClassification(config), lora)
+        >>> data = [{"input_ids": torch.randint(0, 64, (8,)), "labels": i % 2} for i in range(32)]
+        >>> out = tempfile.mkdtemp()
+        >>> callback = LoRASpectralCallback(every_n_steps=2, max_intruders=5, progress=False)
+        >>> args = TrainingArguments(out, max_steps=4, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+        >>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+        >>> _ = trainer.train()
+        >>> [entry["step"] for entry in trainer.state.log_history if "spectral/intruders_total" in entry]
+        [0, 2, 4]
     """
 
     def __init__(
@@ -123,29 +141,24 @@ class LoRASpectralCallback(TrainerCallback):
         max_intruder_sigma_ratio: float | None = None,
         **options: Any,
     ) -> None:
-        if not _is_int(every_n_steps) or every_n_steps <= 0:
-            raise ValueError(f"every_n_steps={every_n_steps!r} is invalid: must be an integer >= 1")
+        require_int("every_n_steps", every_n_steps, 1)
         for name, hook in (("on_alert", on_alert), ("forgetting_proxy", forgetting_proxy)):
-            if hook is not None and not callable(hook):
-                takes = "a SpectralReport" if name == "on_alert" else "the model"
-                raise ValueError(f"{name}={hook!r} is invalid: must be a callable taking {takes}")
+            takes = "a SpectralReport" if name == "on_alert" else "the model"
+            require(hook is None or callable(hook), name, hook, f"a callable taking {takes}")
+        require_int("image_every_n_measurements", image_every_n_measurements, 1, optional=True)
         if image_every_n_measurements is not None:
-            if not _is_int(image_every_n_measurements) or image_every_n_measurements <= 0:
-                raise ValueError(
-                    f"image_every_n_measurements={image_every_n_measurements!r} is invalid: must be None or an integer >= 1"
-                )
             require_matplotlib("image_every_n_measurements")
         if log_dir is not None:
             _ensure_writable_dir(log_dir)
         # configuration
         self.every_n_steps = every_n_steps
         # Under DDP every rank measures its share (synchronously: a background measurement runs on rank 0 alone).
-        self.options = dict({"split_across_ranks": not asynchronous}, **options, top_k=top_k, epsilon=epsilon)
-        if asynchronous and self.options["split_across_ranks"]:
+        options = dict({"split_across_ranks": not asynchronous}, **options, top_k=top_k, epsilon=epsilon)
+        if asynchronous and options["split_across_ranks"]:
             raise ValueError(
                 "split_across_ranks=True is invalid with asynchronous=True: background measurement runs on rank 0 alone"
             )
-        self.config = SpectralConfig(**self.options)  # fail now, not at train start
+        self.config = SpectralConfig(**options)  # checked now, not at train start; the monitor takes it as it is
         self.threshold = IntruderThreshold(
             max_intruders,
             max_intruders_per_layer,
@@ -180,7 +193,7 @@ class LoRASpectralCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._handler = _calling_callback_handler(self)
         if self.monitor is None:
-            self.monitor = SpectralMonitor(kwargs["model"], **self.options)
+            self.monitor = SpectralMonitor(kwargs["model"], self.config)
             self._adapt_to_sharding(self.monitor)
         monitor = self.monitor
         self._restore_from_history(state)

@@ -108,7 +108,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``lora-spectral`` console script; returns the exit status."""
+    """Entry point of the ``lora-spectral`` console script; returns the exit status.
+
+    Example:
+        >>> import contextlib, io, json, tempfile
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from transformers import BertConfig, BertModel
+        >>> base_dir, adapter_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
+        >>> config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+        >>> BertModel(config).save_pretrained(base_dir)
+        >>> lora = LoraConfig(r=4, target_modules=["query", "value"])
+        >>> get_peft_model(BertModel.from_pretrained(base_dir), lora).save_pretrained(adapter_dir)
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     status = main(["analyze", base_dir, adapter_dir, "--json", "--no-progress"])
+        >>> report = json.loads(out.getvalue())
+        >>> status, len(report["layers"]), report["intruders_total"]  # an untrained adapter: B = 0
+        (0, 2, 0)
+    """
     args = _parser().parse_args(argv)
     try:
         report, spectra_for = _analyze(args)
@@ -354,7 +370,7 @@ def _load_base(base_dir: str, adapter_dir: str, auto_class: str):
 
 def _restore_initial(model, matrices: list, path: str) -> None:
     """Reference ``W_res + s B0 A0`` from the initial adapter at ``path`` for every monitored layer it covers."""
-    from .layers import initial_factors_from_adapter
+    from .inits import initial_factors_from_adapter
 
     try:
         with warnings.catch_warnings():  # PEFT warns about a second adapter beside a PiSSA/OLoRA one

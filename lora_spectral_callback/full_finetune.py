@@ -7,8 +7,8 @@ safetensors files, memory-mapped, see :meth:`.basis_store.BasisStore.disk_copy`)
 merged weight is simply the current weight, a dense matrix (the solver's low-rank "update" part is absent); the
 monitor warm-starts its iterations from the pretrained top singular vectors as usual.
 
-A :class:`DenseMatrix` implements the same small interface as :class:`~.layers.MonitoredMatrix`
-(``name``, ``base_weight()``, ``operator(W0)``, ``update_singular_values(device)``).
+A :class:`DenseMatrix` implements the :class:`~.matrix.WeightMatrix` interface like a LoRA layer does; which
+layers are monitored is decided in :mod:`.discovery`.
 """
 
 from __future__ import annotations
@@ -19,33 +19,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from .layers import selected
+from .layout import weight_matrix
 from .linalg import LowRankUpdatedMatrix
-from .sharding import full, module_is_sharded
+from .metrics import effective_rank, estimate_effective_rank
+from .sharding import module_is_sharded
 
-__all__ = ["DenseMatrix", "dense_layers", "find_dense_matrices", "weight_matrix"]
-
-
-def weight_matrix(module: nn.Module) -> Tensor:
-    """A plain layer's weight in the (out, in) layout of :mod:`.layers`: ``Linear`` as stored, GPT-2 ``Conv1D``
-    and ``Embedding`` transposed (``(embedding_dim, num_embeddings)``), conv kernels flattened per output channel."""
-    weight = module.weight
-    assert isinstance(weight, Tensor)
-    W = full(weight)  # gathered if it is an FSDP2 shard or a ZeRO-3 partition
-    if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
-        return W.T
-    return W.flatten(1)
-
-
-def is_matrix_layer(module: nn.Module) -> bool:
-    """A layer kind :func:`weight_matrix` lays out: Linear, GPT-2 Conv1D, Embedding, ConvNd."""
-    kinds = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
-    return isinstance(module, kinds) or type(module).__name__ == "Conv1D"
-
-
-def _is_dense_layer(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return is_matrix_layer(module) and isinstance(weight, torch.Tensor) and weight.is_floating_point()
+__all__ = ["DenseMatrix", "Keep"]
 
 
 Keep = Callable[[Tensor], Tensor]  # where a copy is kept, e.g. BasisStore.disk_copy (the copy -> its stored form)
@@ -59,14 +38,21 @@ class DenseMatrix:
     module: nn.Module
     pretrained: Tensor  # (out, in) copy taken before training
     frozen: Tensor | None = None  # set by capture(): the weight at that step, measured instead of the live one
+    rank_method: str = "exact"  # effective rank of the update: "exact" or "estimate" (SpectralConfig)
 
     @classmethod
     def snapshot_of(
-        cls, name: str, module: nn.Module, dtype: torch.dtype, device: str | torch.device, keep: Keep | None = None
+        cls,
+        name: str,
+        module: nn.Module,
+        dtype: torch.dtype,
+        device: str | torch.device,
+        keep: Keep | None = None,
+        rank_method: str = "exact",
     ) -> DenseMatrix:
         with torch.no_grad():
             copy = weight_matrix(module).detach().to(device=device, dtype=dtype, copy=True).contiguous()
-        return cls(name, module, copy if keep is None else keep(copy))
+        return cls(name, module, copy if keep is None else keep(copy), rank_method=rank_method)
 
     def base_weight(self) -> Tensor:
         """The pretrained copy (not the live weight): the snapshot basis is always the pretrained one."""
@@ -98,30 +84,12 @@ class DenseMatrix:
         """
         return torch.linalg.svdvals(self.update(device, torch.float64))
 
+    def update_effective_rank(self, device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> float:
+        """Exact from all singular values, or the deflated stochastic Lanczos estimate of the update in ``dtype``
+        (``rank_method="estimate"``, faster on large matrices; error measured in docs/full-finetuning.md)."""
+        if self.rank_method == "estimate":
+            return estimate_effective_rank(self.update(device, dtype), generator=generator)
+        return effective_rank(self.update_singular_values(device))
+
     def copy_bytes(self) -> int:
         return 0 if self.pretrained.is_meta else self.pretrained.numel() * self.pretrained.element_size()
-
-
-def find_dense_matrices(
-    model: nn.Module,
-    include: str | None,
-    exclude: str | None,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    keep: Keep | None = None,
-) -> list[DenseMatrix]:
-    """Every ``Linear``/``Conv1D``/``Embedding``/conv layer whose module path matches ``include`` and not
-    ``exclude``, with a copy of its current (pretrained) weight taken now (and handed to ``keep`` one at a time,
-    so spilling to disk never holds more than one extra copy in memory)."""
-    return [
-        DenseMatrix.snapshot_of(name, module, dtype, device, keep)
-        for name, module in dense_layers(model, include, exclude)
-    ]
-
-
-def dense_layers(
-    model: nn.Module, include: str | None = None, exclude: str | None = None
-) -> list[tuple[str, nn.Module]]:
-    """``(module path, module)`` of every plain layer full mode can monitor, filtered by the regexes; reads no
-    weight (so it never gathers a shard)."""
-    return [(name, m) for name, m in model.named_modules() if _is_dense_layer(m) and selected(name, include, exclude)]

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from .report import SpectralReport
 
-__all__ = ["FAILED", "FaultGuard"]
+__all__ = ["FAILED", "FaultGuard", "NonFinite"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,3 +55,8 @@ class FaultGuard:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning("lora-spectral-callback: %s", message)
+
+
+class NonFinite(ValueError):
+    """NaN/Inf in the weights: a real training failure, reported as such (``nonfinite_layers``, an alert) rather
+    than as a monitoring error, and never re-raised by ``strict``."""

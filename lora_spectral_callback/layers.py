@@ -1,6 +1,6 @@
-"""Model adapter: find the PEFT LoRA layers of a model and express each merged weight as an operator.
+"""Model adapter: one PEFT LoRA layer as a monitored matrix, its merged weight expressed as an operator.
 
-This is the only module that knows PEFT's internals. Everything below it (``linalg``, ``metrics``) sees plain
+Everything below it (``linalg``, ``metrics``) sees plain
 tensors in the ``(out_features, in_features)`` convention, so every layer kind is first laid out as the matrix
 of the linear map it applies (left singular vectors live in its output space):
 
@@ -25,16 +25,14 @@ and the initial factors ``(s B0, A0)`` of such an adapter are copied when the la
 ``W0 = W_res + s B0 A0`` and ``merged - W0 = [s B, -s B0] [A; A0]``: still low-rank (rank <= 2r) and exact. (For
 LoftQ, ``W_res`` is the quantized weight and ``W_res + s B0 A0`` is LoftQ's approximation of ``W0``, which is what
 the model computes before training; the true ``W0`` is not kept by PEFT.) The copy is only right if the adapter has
-not been trained yet: see :meth:`MonitoredMatrix.restore_initial` and :func:`initial_factors_from_adapter` for a
-monitor created later, and :func:`_moved_since_init` for the check that catches it for PiSSA and OLoRA.
+not been trained yet: see :meth:`MonitoredMatrix.restore_initial` and :mod:`.inits` for a monitor created later
+and for the check that catches it for PiSSA and OLoRA.
 
-Other PEFT tuners are adapted in :mod:`.tuners`.
+Other PEFT tuners are adapted in :mod:`.tuners`; which layers are monitored is decided in :mod:`.discovery`.
 """
 
 from __future__ import annotations
 
-import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,28 +40,14 @@ import torch
 from torch import Tensor, nn
 
 from .linalg import LowRankUpdatedMatrix
-from .metrics import low_rank_singular_values
+from .merged import merged_operator, stack_factors
+from .metrics import effective_rank, low_rank_singular_values
 from .sharding import full, logical_shape, module_is_sharded
 
-logger = logging.getLogger(__name__)
+__all__ = ["CapturedMatrix", "MonitoredMatrix", "adapter_names", "readable_name", "unmerged_active_adapters"]
 
-__all__ = [
-    "MonitoredMatrix",
-    "CapturedMatrix",
-    "find_lora_matrices",
-    "has_peft_layers",
-    "describe_skipped",
-    "readable_name",
-    "selected",
-    "rewrites_base",
-    "initial_factors_from_adapter",
-]
 
 _PEFT_PREFIXES = ("base_model.model.", "base_model.")
-
-# init_lora_weights values whose PEFT init replaces the base weight by W0 - s B0 A0 (LoraLayer.update_layer and
-# ParamWrapper.update_layer; Embedding and conv layers never do: PEFT falls back to the default init or refuses).
-_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
 def readable_name(module_path: str) -> str:
@@ -74,11 +58,6 @@ def readable_name(module_path: str) -> str:
         if name.startswith(prefix):
             return name[len(prefix) :]
     return name
-
-
-def rewrites_base(init: object) -> bool:
-    """Whether ``LoraConfig.init_lora_weights`` names an init that stores ``W0 - s B0 A0`` as the base weight."""
-    return isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS)
 
 
 @dataclass
@@ -172,6 +151,12 @@ class MonitoredMatrix:
         factors = self.update_factors(torch.float64, device)
         return low_rank_singular_values(*factors) if factors else None
 
+    def update_effective_rank(self, device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> float:
+        """Exact effective rank of the update from its r x r SVD (nothing to estimate: ``dtype`` and ``generator``
+        are not used)."""
+        singular_values = self.update_singular_values(device)
+        return effective_rank(singular_values) if singular_values is not None else 0.0
+
     def operator(self, W0: Tensor) -> LowRankUpdatedMatrix:
         """The merged weight around a given copy of the reference weight (already in the compute dtype/device)."""
         return merged_operator(W0, self.update_factors(W0.dtype, W0.device), self.dora_magnitude())
@@ -244,7 +229,9 @@ class CapturedMatrix:
     def update_factors(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor] | None:
         return stack_factors(self.weights, dtype, device)
 
-    update_singular_values = MonitoredMatrix.update_singular_values  # same computation on the copied factors
+    # the same computations on the copied factors
+    update_singular_values = MonitoredMatrix.update_singular_values
+    update_effective_rank = MonitoredMatrix.update_effective_rank
 
     def capture(self) -> CapturedMatrix:
         """Already a frozen copy."""
@@ -252,39 +239,6 @@ class CapturedMatrix:
 
     def operator(self, W0: Tensor) -> LowRankUpdatedMatrix:
         return merged_operator(W0, self.update_factors(W0.dtype, W0.device), self.magnitude)
-
-
-def stack_factors(
-    weights: list[tuple[Tensor, Tensor, float]], dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor] | None:
-    """``(B, A)`` with ``B @ A = sum_a s_a B_a A_a``: terms stacked side by side, scaling folded into B."""
-    if not weights:
-        return None
-    B = torch.cat([B.to(device, dtype) * s for B, _, s in weights], dim=1)
-    A = torch.cat([A.to(device, dtype) for _, A, _ in weights], dim=0)
-    return B, A
-
-
-def merged_operator(
-    W0: Tensor, factors: tuple[Tensor, Tensor] | None, magnitude: Tensor | None
-) -> LowRankUpdatedMatrix:
-    """``W0 + B A`` as an operator, with DoRA's row rescaling when ``magnitude`` is given.
-
-    DoRA (Liu et al. 2024) rescales each output row: ``m * (W0 + dW) / ||W0 + dW||_row``; the row norms are
-    computed from the factors in O(mnr) without forming ``W0 + dW``. For a conv the norm runs over a whole output
-    filter, i.e. a row of the flattened kernel.
-    """
-    if factors is None:
-        return LowRankUpdatedMatrix(W0)
-    B, A = factors
-    row_scale = None
-    if magnitude is not None:
-        magnitude = magnitude.to(W0.device, W0.dtype)
-        BA_rows = ((B @ (A @ A.T)) * B).sum(dim=1)  # ||(B A)_i||^2
-        cross = ((W0 @ A.T) * B).sum(dim=1)  # <W0_i, (B A)_i>
-        norms = ((W0 * W0).sum(dim=1) + 2 * cross + BA_rows).clamp_min(0).sqrt()
-        row_scale = magnitude / norms
-    return LowRankUpdatedMatrix(W0, B, A, row_scale)
 
 
 def unmerged_active_adapters(module: Any) -> list[str]:
@@ -299,214 +253,3 @@ def adapter_names(module: Any) -> set[str]:
     for attribute in module.adapter_layer_names:
         names.update(getattr(module, attribute, None) or ())
     return names
-
-
-def _unsupported_reason(module: Any) -> str | None:
-    from peft.tuners.lora import Embedding, Linear, ParamWrapper
-    from peft.tuners.lora.layer import _ConvNd
-
-    if not hasattr(module, "get_base_layer"):
-        return f"layer type {type(module).__name__}"
-    base = module.get_base_layer()
-    if isinstance(module, ParamWrapper):
-        if module.num_experts != 1 or len(logical_shape(module.get_param())) != 2:
-            return "target_parameters on a 3-D (expert) parameter"
-        return "DoRA/variant on target_parameters" if getattr(module, "lora_variant", {}) else None
-    weight = getattr(base, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        return f"base weight {type(weight).__name__}"
-    is_conv = isinstance(module, _ConvNd)
-    # PEFT's bitsandbytes/HQQ/... layers are LoraLayers with lora_A/lora_B like lora.Linear but other classes.
-    if not (
-        isinstance(module, (Linear, Embedding)) or is_conv or isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
-    ):
-        return f"layer type {type(module).__name__}"
-    if is_conv and base.groups != 1:
-        return "grouped convolution (PEFT cannot merge it either)"
-    if not is_conv and weight.is_floating_point() and len(logical_shape(weight)) != 2:
-        return f"base weight of shape {tuple(logical_shape(weight))}"
-    active = [a for a in module.active_adapters if a in adapter_names(module)]
-    variants = getattr(module, "lora_variant", {})
-    for a in active:
-        variant = variants.get(a)
-        if variant is not None and a not in module.lora_magnitude_vector:
-            return f"LoRA variant {type(variant).__name__}"
-    if any(a in module.lora_magnitude_vector for a in active):
-        if len(active) > 1:
-            return "DoRA with several active adapters"
-        if isinstance(module, Embedding):
-            return "DoRA on an Embedding"
-    return None
-
-
-def _base_rewriting_inits(module: Any, configs: dict[str, Any]) -> dict[str, str]:
-    """``{adapter: init}`` of this LoRA layer's adapters whose init rewrote its base weight."""
-    from peft.tuners.lora import Embedding
-    from peft.tuners.lora.layer import _ConvNd
-
-    if isinstance(module, (Embedding, _ConvNd)):
-        return {}
-    inits = {a: getattr(configs.get(a), "init_lora_weights", None) for a in adapter_names(module)}
-    return {a: str(init) for a, init in inits.items() if rewrites_base(init)}
-
-
-@torch.no_grad()
-def _record_initial(matrix: MonitoredMatrix, inits: dict[str, str]) -> None:
-    """Copy ``(s B0, A0)`` of each base-rewriting adapter now, in float64 where they live: ``s B0`` is then
-    bit-identical to the ``s B`` that :func:`stack_factors` forms in float64 while ``B`` is untouched, so the update
-    ``[s B, -s B0] [A; A0]`` cancels exactly before training."""
-    for adapter in inits:
-        B, A = matrix.adapter_factors(adapter)
-        matrix.initial[adapter] = (B.detach().double() * matrix.module.scaling[adapter], A.detach().double())
-    matrix.initial_unknown = _moved_since_init(matrix, inits)
-
-
-def _moved_since_init(matrix: MonitoredMatrix, inits: dict[str, str]) -> str | None:
-    """Why the current factors cannot be the initial ones, when an invariant of the init proves it; else None.
-
-    PiSSA (also ``pissa_niter_*``: ``svd_lowrank`` gives ``W_res = (I - Q Q^T) W0``) removes a top singular part,
-    so ``B0^T W_res = 0``; OLoRA (``W0 = Q R``, ``B0 = Q_r``, ``A0 = R_r``) leaves ``B0^T W_res = (1 - s) A0``.
-    Relative to ``||B|| (||W_res|| + ||s B A||)`` the residual at init is rounding: half a unit roundoff of the
-    stored base plus PEFT's float32 arithmetic (measured <= 1.6e-7 on all-MiniLM-L6-v2; one Adam step of 1e-5 moves
-    it past 6e-6). CorDA's factors use a numerically inverted covariance (PEFT accepts 5% inversion error), LoftQ
-    and LoRA-GA have no such invariant: those are trusted, as are quantized or sharded bases.
-    """
-    stored = matrix.stored_weight() if not module_is_sharded(matrix.module) else None
-    if stored is None or not matrix._base_param().is_floating_point():
-        return None
-    W = stored.detach().double()
-    tol = 16 * torch.finfo(torch.float32).eps + torch.finfo(stored.dtype).eps / 2
-    for adapter, init in inits.items():
-        kind = init.lower()
-        if not kind.startswith(("pissa", "olora")):
-            continue
-        B, A = (t.detach().double() for t in matrix.adapter_factors(adapter))
-        s = matrix.module.scaling[adapter]
-        expected = (1 - s) * A if kind == "olora" else torch.zeros_like(A)
-        residual = torch.linalg.matrix_norm(B.T @ W - expected)
-        scale = torch.linalg.matrix_norm(B) * (torch.linalg.matrix_norm(W) + s * torch.linalg.matrix_norm(B @ A))
-        if residual > tol * scale:
-            return (
-                f"adapter {adapter!r} (init_lora_weights={init!r}) was trained before the monitor was created: "
-                f"its init rewrote the base weight to W0 - s B0 A0 and the pretrained W0 cannot be rebuilt from the "
-                "model any more. Create the monitor before training, restore the initial factors "
-                "(MonitoredMatrix.restore_initial, initial_factors_from_adapter; CLI: --initial-adapter), or "
-                "measure the adapter converted by save_pretrained(path_initial_model_for_weight_conversion=...) "
-                "on the original base"
-            )
-    return None
-
-
-def _peft_configs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{module path: {adapter: config}}`` of every module holding PEFT configs (PeftModel, its tuner model, a
-    transformers model with PEFT integration)."""
-    return {
-        path: configs
-        for path, module in model.named_modules()
-        if isinstance(configs := getattr(module, "peft_config", None), dict)
-    }
-
-
-def _configs_for(path: str, configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The configs of the innermost module above ``path`` that holds any."""
-    owners = [p for p in configs if p == "" or path.startswith(p + ".")]
-    return configs[max(owners, key=len)] if owners else {}
-
-
-def selected(name: str, include: str | None, exclude: str | None) -> bool:
-    """Whether a layer name passes the ``include`` / ``exclude`` regexes (both modes filter with this)."""
-    return not (include and not re.search(include, name)) and not (exclude and re.search(exclude, name))
-
-
-def has_peft_layers(model: nn.Module) -> bool:
-    """Whether PEFT has put any adapter layer (LoRA or another tuner) into ``model``; decides ``mode="auto"``."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
-
-
-def find_lora_matrices(
-    model: nn.Module, include: str | None = None, exclude: str | None = None
-) -> tuple[list[Any], dict[str, str]]:
-    """All PEFT adapter layers of ``model`` (LoRA and the other tuners of :mod:`.tuners`) whose readable name
-    matches ``include`` and not ``exclude`` (regexes).
-
-    Returns the monitorable matrices and ``{name: reason}`` for adapter layers this version cannot measure, so
-    the caller can warn about them rather than drop them silently. The PEFT configs are looked up in ``model``
-    (a PeftModel or a model with PEFT's transformers integration) to find base-rewriting inits.
-    """
-    from peft.tuners.adalora import AdaLoraLayer
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from .tuners import tuner_matrix  # builds on this module
-
-    configs = _peft_configs(model)
-    layers: list[tuple[str, Any]] = [(p, m) for p, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    wrapped = {id(m.base_layer) for _, m in layers if isinstance(getattr(m, "base_layer", None), BaseTunerLayer)}
-    found: list[Any] = []
-    skipped: dict[str, str] = {}
-    for path, module in layers:
-        name = readable_name(path)
-        if not selected(name, include, exclude):
-            continue
-        matrix: Any = None
-        if id(module) in wrapped or isinstance(getattr(module, "base_layer", None), BaseTunerLayer):
-            reason: str | None = "tuner layers nested in one another (mixed adapter types)"
-        elif isinstance(module, LoraLayer) and not isinstance(module, AdaLoraLayer):
-            reason = _unsupported_reason(module)
-            inits = _base_rewriting_inits(module, _configs_for(path, configs))
-            merged = [a for a in inits if a in module.merged_adapters]
-            if reason is None and merged:
-                reason = f"adapter {merged[0]!r} (init_lora_weights={inits[merged[0]]!r}) merged into a rewritten base"
-            if reason is None:
-                matrix = MonitoredMatrix(name, module)
-                _record_initial(matrix, inits)
-        else:
-            matrix, reason = tuner_matrix(name, module)
-        if matrix is not None:
-            found.append(matrix)
-        else:
-            skipped[name] = reason or f"layer type {type(module).__name__}"
-    return found, skipped
-
-
-@torch.no_grad()
-def initial_factors_from_adapter(model: Any, path: str, adapter: str = "default") -> dict[str, dict[str, Tensor]]:
-    """``{layer name: state for MonitoredMatrix.restore_initial}`` from a saved *initial* adapter, as PEFT's PiSSA,
-    OLoRA and CorDA recipes save one before training (``pissa_init/`` next to the residual base model): the
-    reference of ``adapter`` becomes ``W_res + s B0 A0`` with that adapter's ``B0, A0`` and scaling.
-
-    The initial adapter is loaded into ``model`` (a PeftModel) under a temporary name with the default init (so its
-    base-rewriting init is not run a second time), read, and deleted.
-    """
-    from peft import PeftConfig
-
-    config = PeftConfig.from_pretrained(path)
-    config.init_lora_weights = True
-    temporary = "lora_spectral_initial"
-    model.add_adapter(temporary, config)
-    try:
-        model.load_adapter(path, adapter_name=temporary)
-        states = {}
-        for module_path, module in model.named_modules():
-            if temporary in getattr(module, "lora_A", {}):
-                matrix = MonitoredMatrix(readable_name(module_path), module)
-                B, A = matrix.adapter_factors(temporary)
-                s = module.scaling[temporary]
-                states[matrix.name] = {f"{adapter}.B": B.detach().double() * s, f"{adapter}.A": A.detach().double()}
-    finally:
-        model.delete_adapter(temporary)
-    return states
-
-
-def describe_skipped(skipped: dict[str, str], limit: int = 8) -> str:
-    """One readable line listing layers that will not be monitored, grouped by reason."""
-    by_reason: dict[str, list[str]] = {}
-    for name, reason in skipped.items():
-        by_reason.setdefault(reason, []).append(name)
-    parts = []
-    for reason, names in by_reason.items():
-        shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-        parts.append(f"{reason}: {shown}")
-    return "; ".join(parts)

@@ -23,8 +23,8 @@ class WeightMatrix(Protocol):
 
     ``base_weight()`` is the reference the paper compares against: the *pretrained* weight, whatever the layer
     stores. ``operator(W0)`` is the current merged weight built around a copy of that reference already in the
-    compute dtype and device (so the monitor controls precision and placement), and ``update_singular_values`` the
-    singular values of ``merged - reference`` (effective rank). ``capture()`` freezes what a measurement reads, so
+    compute dtype and device (so the monitor controls precision and placement), and ``update_effective_rank`` the
+    effective rank of ``merged - reference``. ``capture()`` freezes what a measurement reads, so
     it can run later (in a background thread) on the state of the step it describes.
     """
 
@@ -42,6 +42,9 @@ class WeightMatrix(Protocol):
 
     def operator(self, W0: Tensor) -> LowRankUpdatedMatrix: ...
 
-    def update_singular_values(self, device: torch.device) -> Tensor | None: ...
+    def update_effective_rank(self, device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> float:
+        """Effective rank of ``merged - reference`` (0 for a zero update); ``dtype`` and ``generator`` serve a layer
+        that estimates it rather than computing all singular values."""
+        ...
 
     def capture(self) -> WeightMatrix: ...

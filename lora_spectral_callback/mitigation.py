@@ -8,7 +8,7 @@ Shuttleworth et al. 2024 (arXiv 2410.21228), Sec. 5: for a merged weight ``W = W
 reduces forgetting of the pretraining distribution at a small cost in task accuracy. Because ``u_i, v_i`` are
 singular vectors of ``W``, ``W_new`` keeps every singular vector of ``W`` and only that one singular value changes.
 
-Detection reuses :meth:`SpectralMonitor.decompose` (same triplets, same ``max|cos| < epsilon`` rule as the live
+Detection is :func:`.measure.decompose` (same triplets, same ``max|cos| < epsilon`` rule as the live
 metrics). The result is written to a *new* PEFT adapter, like PEFT's ``reduce_intruder_dimension``:
 
 - ``mode="exact"`` (default): the update ``W_new - W0 = s B A + (lambda - 1) sum_i sigma_i u_i v_i^T`` has rank
@@ -25,14 +25,21 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from .basis_store import BasisStore
+from .config import DTYPES, SpectralConfig
+from .discovery import find_matrices
 from .layers import MonitoredMatrix
+from .measure import Decomposition, decompose
 from .monitor import SpectralMonitor
+from .sharding import module_is_sharded
 
 __all__ = ["ScaledDirection", "MitigationResult", "scale_intruders"]
 
@@ -81,7 +88,8 @@ def scale_intruders(
     intruder among the top-k (PEFT's ``reduce_intruder_dimension``). ``model`` is a ``PeftModel`` with one active
     LoRA adapter (not DoRA); switch back with ``model.set_adapter(<old name>)``. ``monitor`` may be an existing
     :class:`SpectralMonitor` on this model (its bases are reused, and its own ``compute_dtype``/``tol`` then decide
-    how exact the triplets are); by default one is built in float64 with ``monitor_options`` (``include``, ...).
+    how exact the triplets are); by default the triplets are computed in float64 against a basis computed here, with
+    ``monitor_options`` (``include``, ...).
 
     Args:
         model: A ``PeftModel`` with exactly one active LoRA adapter.
@@ -94,7 +102,7 @@ def scale_intruders(
             dropped relative Frobenius norm is in ``truncation_error``).
         new_adapter_name: Name of the new, activated adapter; the original one is kept.
         monitor: An existing :class:`SpectralMonitor` on this model whose bases are reused.
-        **monitor_options: :class:`SpectralConfig` fields for the monitor built otherwise.
+        **monitor_options: :class:`SpectralConfig` fields used when no ``monitor`` is given.
 
     Returns:
         What was scaled, per layer.
@@ -112,23 +120,30 @@ def scale_intruders(
     if new_adapter_name in model.peft_config:
         raise ValueError(f"new_adapter_name={new_adapter_name!r} is invalid: the model already has that adapter")
     if monitor is None:
-        monitor = SpectralMonitor(model, top_k=top_k, epsilon=epsilon, **{**_MITIGATION_OPTIONS, **monitor_options})
-    if monitor.sharded:
+        config = SpectralConfig(top_k=top_k, epsilon=epsilon, **{**_MITIGATION_OPTIONS, **monitor_options})
+        found = find_matrices(model, config)[1]
+    else:
+        found = monitor.matrices
+    if any(module_is_sharded(m.module) for m in found):
         raise ValueError(
             "scale_intruders works on an unsharded model: gather it first (FSDP2 / ZeRO-3 shards are "
             "not supported here), e.g. on the saved adapter after training"
         )
-    matrices = [m for m in monitor.matrices if type(m) is MonitoredMatrix]
-    if len(matrices) != len(monitor.matrices):
+    matrices = [m for m in found if type(m) is MonitoredMatrix]
+    if len(matrices) != len(found):
         raise ValueError("scale_intruders writes a LoRA adapter: it supports LoRA layers only (not AdaLoRA, VeRA, ...)")
     if any(m.is_dora() for m in matrices):
         raise ValueError("scale_intruders does not support DoRA: its row rescaling is not a low-rank update")
-    monitor.snapshot()
+    if monitor is not None:
+        monitor.snapshot()
+        detect: Callable[[MonitoredMatrix], Decomposition] = monitor.decompose
+    else:
+        detect = partial(_decompose_alone, config=config)
 
     result = MitigationResult(new_adapter_name, mode, lam)
     new_factors: dict[str, tuple[Tensor, Tensor]] = {}
     for matrix in matrices:
-        svd, max_cos, _ = monitor.decompose(matrix)
+        svd, max_cos, _ = detect(matrix)
         intruders = torch.nonzero(max_cos[:top_k] < epsilon).flatten().tolist()
         chosen = intruders[:1] if which == "top" else intruders
         result.scaled[matrix.name] = [ScaledDirection(i, float(svd.S[i]), float(max_cos[i])) for i in chosen]
@@ -147,6 +162,13 @@ def scale_intruders(
             matrix.module.lora_A[new_adapter_name].weight.data = A.to(old_A.device, old_A.dtype)
     model.set_adapter(new_adapter_name)
     return result
+
+
+def _decompose_alone(matrix: MonitoredMatrix, config: SpectralConfig) -> Decomposition:
+    """:func:`.measure.decompose` against a basis of the pretrained weight computed just for this call."""
+    W0 = matrix.base_weight().detach().to(DTYPES[config.compute_dtype])
+    basis, _ = BasisStore(DTYPES[config.basis_dtype], config.basis_device, config.basis_cache_dir).basis(W0)
+    return decompose(matrix, basis, config)
 
 
 def _scaled_update(

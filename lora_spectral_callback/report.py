@@ -7,10 +7,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["LayerReport", "LayerSpectra", "SpectralReport"]
+__all__ = ["LayerReport", "LayerSpectra", "SpectralReport", "eps_key"]
 
 
-def _eps_key(epsilon: float) -> str:
+def eps_key(epsilon: float) -> str:
+    """The key of one threshold in ``intruders_by_epsilon`` (``0.5`` -> ``"0.5"``)."""
     return f"{epsilon:g}"
 
 
@@ -134,13 +135,13 @@ class SpectralReport:
     ) -> SpectralReport:
         """Sum per-layer counts into model-wide totals (paper: counts are summed over the model's matrices) and
         aggregate the per-layer signals (see the class docstring)."""
-        totals = {_eps_key(e): sum(r.intruders_by_epsilon[_eps_key(e)] for r in layers.values()) for e in epsilons}
+        totals = {eps_key(e): sum(r.intruders_by_epsilon[eps_key(e)] for r in layers.values()) for e in epsilons}
         ranks = [r.effective_rank for r in layers.values()]
         shares = [r.intruder_energy_share for r in layers.values()]
         return cls(
             step=step,
             epsilon=epsilons[0],
-            intruders_total=totals[_eps_key(epsilons[0])],
+            intruders_total=totals[eps_key(epsilons[0])],
             intruders_total_by_epsilon=totals,
             effective_rank_mean=sum(ranks) / len(ranks) if ranks else math.nan,
             intruder_energy_share=sum(shares) / len(shares) if shares else math.nan,

@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .full_finetune import is_matrix_layer, weight_matrix
 from .layers import MonitoredMatrix, unmerged_active_adapters
+from .layout import is_matrix_layer, weight_matrix
 from .linalg import LowRankUpdatedMatrix
+from .metrics import effective_rank
 from .sharding import full, module_is_sharded
 
 __all__ = ["AdaLoraMatrix", "VeraMatrix", "LoHaMatrix", "MergedMatrix", "tuner_matrix", "merged_weight"]
@@ -115,6 +116,10 @@ class MergedMatrix:
     def update_singular_values(self, device: torch.device) -> Tensor:
         """All singular values of the dense update ``merged - base``, in float64 (the merge itself was float64)."""
         return torch.linalg.svdvals(self.current_weight().to(device) - self.base_weight().to(device, torch.float64))
+
+    def update_effective_rank(self, device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> float:
+        """Exact, from all singular values of the dense update (``dtype`` and ``generator`` are not used)."""
+        return effective_rank(self.update_singular_values(device))
 
     @torch.no_grad()
     def capture(self) -> MergedMatrix:

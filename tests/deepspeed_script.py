@@ -96,7 +96,7 @@ def lora_phase(stage=3):
         "global_step": trainer.state.global_step,
         "measured": callback.measured,
         "partitioned": partitioned,
-        "svds": callback.monitor._store.computed,
+        "svds": callback.monitor.snapshots.store.computed,
         "asynchronous": callback.asynchronous,
     }
     if rank == 0:
@@ -120,7 +120,7 @@ def full_phase():
         "global_step": trainer.state.global_step,
         "measured": callback.measured,
         "partitioned": partitioned,
-        "svds": callback.monitor._store.computed,
+        "svds": callback.monitor.snapshots.store.computed,
     }
     if rank == 0:
         result.update(recount_run("full", pretrained, final, callback, EPS))

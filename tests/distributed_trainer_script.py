@@ -43,7 +43,7 @@ class Counting(LoRASpectralCallback):
         if self.monitor is None:
             from lora_spectral_callback import SpectralMonitor
 
-            self.monitor = SpectralMonitor(kwargs["model"], **self.options)
+            self.monitor = SpectralMonitor(kwargs["model"], self.config)
             count_measurements(self.monitor)
         return super().on_train_begin(args, state, control, **kwargs)
 
@@ -68,7 +68,7 @@ result = {
     "world_size": int(os.environ["WORLD_SIZE"]),
     "global_step": trainer.state.global_step,
     "measured": measured,
-    "svds": callback.monitor._store.computed,
+    "svds": callback.monitor.snapshots.store.computed,
     "alert_step": callback.last_alert.step if callback.last_alert else None,
     "intruders": callback.last_report.intruders_total if callback.last_report else None,
 }

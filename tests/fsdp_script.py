@@ -94,7 +94,7 @@ def lora_phase():
     result = {
         "global_step": global_step,
         "measured": measured,
-        "svds": callback.monitor._store.computed,
+        "svds": callback.monitor.snapshots.store.computed,
         "asynchronous": callback.asynchronous,
         "forgetting_proxy": callback.forgetting_proxy is not None,
     }
@@ -117,7 +117,7 @@ def full_phase():
     )
     global_step, measured = train(model, callback, steps=4, lr=1e-2)
     final = gathered_state(model)
-    result = {"global_step": global_step, "measured": measured, "svds": callback.monitor._store.computed}
+    result = {"global_step": global_step, "measured": measured, "svds": callback.monitor.snapshots.store.computed}
     if rank == 0:
         result.update(recount_run("full", pretrained, final, callback, EPS))
     return result
@@ -135,7 +135,7 @@ def faults_phase():
         monitor = SpectralMonitor(model, progress=False, strict=strict)
         first, second = monitor.matrices[0], monitor.matrices[1]
         if rank == 0:
-            real_measure, real_capture = monitor.measure_matrix, second.capture
+            real_measure, real_capture = monitor.measurer.layer, second.capture
 
             def measure_matrix(matrix, real_measure=real_measure, first=first):
                 if matrix.name == first.name:
@@ -146,7 +146,7 @@ def faults_phase():
                 real_capture()  # the gathers happen, then the copy fails
                 raise torch.OutOfMemoryError("simulated failure after gathering")
 
-            monitor.measure_matrix, second.capture = measure_matrix, capture
+            monitor.measurer.layer, second.capture = measure_matrix, capture
         try:
             report = monitor.measure(1)
             outcomes[strict] = None if report is None else sorted(report.errors) + sorted(report.layers)

@@ -73,8 +73,8 @@ def recount_run(mode: str, pretrained, final_state: dict, callback, epsilon) -> 
     LoRA: the base weights plus PEFT's own ``get_delta_weight``; full: the monitored layers' weights."""
     import copy
 
-    from lora_spectral_callback.full_finetune import weight_matrix
     from lora_spectral_callback.layers import readable_name
+    from lora_spectral_callback.layout import weight_matrix
     from lora_spectral_callback.metrics import effective_rank
 
     reference = copy.deepcopy(pretrained)

@@ -77,12 +77,12 @@ def test_measure_never_waits_and_reports_pending_then_exact(held_snapshot):
 def test_start_decides_by_the_timed_first_layer():
     fast = SpectralMonitor(lora_bert(), progress=False, background_after=1e9)
     fast.start()
-    assert fast._snapshot_worker is None and all(s.basis is not None for s in fast._layers.values())
+    assert not fast.snapshots.in_background and all(s.basis is not None for s in fast.snapshots.layers.values())
     slow = SpectralMonitor(lora_bert(), progress=False, background_after=0)
     slow.start()  # first layer on the calling thread, the rest in the background
-    assert slow._snapshot_worker is not None
+    assert slow.snapshots.in_background
     slow.snapshot()
-    assert all(s.basis is not None for s in slow._layers.values())
+    assert all(s.basis is not None for s in slow.snapshots.layers.values())
 
 
 def test_strict_failure_in_the_background_is_raised_on_the_caller(monkeypatch):

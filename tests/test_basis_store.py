@@ -57,13 +57,13 @@ def test_cache_hit_on_second_monitor_runs_no_svd(tmp_path, monkeypatch):
     first = SpectralMonitor(model, basis_cache_dir=str(tmp_path), basis_device="disk", progress=False)
     first.snapshot()
     n_layers = len(first.matrices)
-    assert len(calls) == first._store.computed == n_layers
+    assert len(calls) == first.snapshots.store.computed == n_layers
     assert len(list(tmp_path.glob("*.safetensors"))) == n_layers
     second = SpectralMonitor(model, basis_cache_dir=str(tmp_path), progress=False)  # in-memory, same cache
     second.snapshot()
-    assert len(calls) == n_layers and second._store.computed == 0
-    for name, state in first._layers.items():
-        assert torch.equal(state.basis, second._layers[name].basis)
+    assert len(calls) == n_layers and second.snapshots.store.computed == 0
+    for name, state in first.snapshots.layers.items():
+        assert torch.equal(state.basis, second.snapshots.layers[name].basis)
 
 
 def test_memory_map_reads_nothing_up_front(tmp_path):

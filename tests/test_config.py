@@ -88,8 +88,8 @@ def test_solver_options(options, pattern):
 def test_split_across_ranks_needs_synchronous_measurement():
     with pytest.raises(ValueError, match=r"split_across_ranks=True is invalid with asynchronous=True"):
         LoRASpectralCallback(asynchronous=True, split_across_ranks=True)
-    assert LoRASpectralCallback(asynchronous=True).options["split_across_ranks"] is False
-    assert LoRASpectralCallback().options["split_across_ranks"] is True
+    assert LoRASpectralCallback(asynchronous=True).config.split_across_ranks is False
+    assert LoRASpectralCallback().config.split_across_ranks is True
 
 
 def test_unknown_option_is_a_type_error():

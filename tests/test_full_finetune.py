@@ -10,7 +10,7 @@ import torch
 from helpers import reference_counts, tiny_bert
 
 from lora_spectral_callback import SpectralMonitor
-from lora_spectral_callback.full_finetune import weight_matrix
+from lora_spectral_callback.layout import weight_matrix
 from lora_spectral_callback.metrics import effective_rank
 
 EPS = [0.5, 0.7]
@@ -263,7 +263,7 @@ def test_disk_weight_copies_are_memory_mapped_and_give_the_same_report(tmp_path,
     options = dict(include=r"query|value", epsilon=EPS, weight_copy_dtype=copy_dtype, progress=False, strict=True)
     on_disk = SpectralMonitor(model, basis_device="disk", basis_cache_dir=str(tmp_path), **options)
     in_memory = SpectralMonitor(model, **options)
-    copies = on_disk._store._copies.name
+    copies = on_disk.snapshots.store._copies.name
     assert list(Path(copies).iterdir()) == []  # unlinked at once: the mappings keep them, dropping frees the space
     assert list(tmp_path.iterdir()) == []  # the cache holds bases only (none computed yet)
     with open("/proc/self/maps") as maps:

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from test_peft_variants import plain_weights
 
 from lora_spectral_callback import SpectralMonitor
-from lora_spectral_callback.layers import find_lora_matrices
+from lora_spectral_callback.discovery import find_lora_matrices
 from lora_spectral_callback.metrics import effective_rank, max_abs_cosine
 
 EPS = [0.5, 0.7]

@@ -11,7 +11,7 @@ import torch
 from helpers import reference_counts, tiny_gpt2
 from peft import LoraConfig
 
-from lora_spectral_callback.full_finetune import weight_matrix
+from lora_spectral_callback.layout import weight_matrix
 
 EPS = [0.5, 0.7]
 ROOT = Path(__file__).resolve().parents[1]

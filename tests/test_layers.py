@@ -11,7 +11,8 @@ from helpers import tiny_bert, tiny_gpt2
 from peft import LoraConfig, get_peft_model
 
 from lora_spectral_callback import SpectralMonitor
-from lora_spectral_callback.layers import find_lora_matrices, readable_name
+from lora_spectral_callback.discovery import find_lora_matrices
+from lora_spectral_callback.layers import readable_name
 
 
 def randomize_lora(model: torch.nn.Module, scale: float = 0.5, seed: int = 0) -> None:

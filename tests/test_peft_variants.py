@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from lora_spectral_callback import SpectralMonitor
-from lora_spectral_callback.layers import find_lora_matrices
+from lora_spectral_callback.discovery import find_lora_matrices
 
 EPS = [0.5, 0.7]
 

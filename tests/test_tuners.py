@@ -12,7 +12,7 @@ from peft import get_peft_model
 from test_peft_variants import ConvNet, plain_weights
 
 from lora_spectral_callback import SpectralMonitor
-from lora_spectral_callback.layers import find_lora_matrices, has_peft_layers
+from lora_spectral_callback.discovery import find_lora_matrices, has_peft_layers
 from lora_spectral_callback.metrics import effective_rank
 from lora_spectral_callback.tuners import AdaLoraMatrix, LoHaMatrix, MergedMatrix, VeraMatrix
 
