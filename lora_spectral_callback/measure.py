@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -29,21 +31,26 @@ from .metrics import (
     intruder_energy_share,
     intruder_sigma_ratio,
     max_abs_cosine,
+    pretrained_basis_and_spectrum,
 )
 from .ranks import GatherFailed
 from .report import LayerReport, SpectralReport, eps_key
 from .snapshot import LayerState
 
-__all__ = ["Decomposition", "Measurer", "decompose"]
+__all__ = ["EXACT_BASIS_BYTES", "Decomposition", "Measurer", "decompose", "float64_basis"]
+
+EXACT_BASIS_BYTES = 1 << 30  # float64 bases kept for threshold decisions (a 4096 x 4096 one is 128 MiB)
 
 
 class Decomposition(NamedTuple):
     """The top-k triplets of one merged weight (``svd.block`` seeds the next solve), each left vector's max |cos|
-    with the pretrained basis, and how many of those cosines lie closer to a threshold than their error bound."""
+    with the pretrained basis, how many of those cosines still lie closer to a threshold than their error bound
+    (``uncertain``: expected 0), and how many the float64 pass settled (``resolved``)."""
 
     svd: TopSVD
     max_cos: Tensor
     uncertain: int
+    resolved: int = 0
 
 
 @torch.no_grad()
@@ -55,13 +62,17 @@ def decompose(
     shape: torch.Size | None = None,
     warm_start: KrylovSpace | None = None,
     generator_for: Callable[[torch.device], torch.Generator] | None = None,
+    exact_basis: Callable[[], Tensor] | None = None,
 ) -> Decomposition:
     """Top-k singular triplets of ``matrix``'s merged weight (in ``config.compute_dtype``) and their max |cos| with
     ``basis``, the thin left singular basis of its pretrained weight.
 
     Matrices with ``min(m, n) <= config.exact_below`` get a LAPACK SVD; the others the block Krylov solver, started
     from ``warm_start`` (the previous decomposition's ``svd.block``) or else from the top pretrained vectors, and
-    stopped once every cosine is placed on one side of every threshold (or is left ``uncertain``).
+    stopped once every cosine is placed on one side of every threshold. A cosine closer to a threshold than the
+    working precision (``compute_dtype``, the basis' storage dtype) can place is not guessed: that matrix is
+    decomposed again in float64 against a float64 basis (see :func:`_resolve`), so its counts are those of a float64
+    full SVD; a decision even float64 cannot make stays ``uncertain``.
 
     Args:
         matrix: The monitored matrix (see :class:`~.matrix.WeightMatrix`).
@@ -71,6 +82,8 @@ def decompose(
         warm_start: The search space of the previous decomposition of this matrix.
         generator_for: The private generator for random fill on a device (default: a new one seeded with
             ``config.seed``); the global RNG is never touched.
+        exact_basis: Gives the float64 thin left singular basis of the pretrained weight when a decision needs it
+            (default: a float64 LAPACK SVD of ``matrix.base_weight()``, computed then).
 
     Raises:
         ValueError: A changed shape, or NaN/Inf in the weights (:class:`~.guard.NonFinite`).
@@ -134,7 +147,33 @@ def decompose(
     max_cos = cosines["max_cos"] if cosines.get("U") is svd.U else max_abs_cosine(svd.U, basis)
     if not torch.isfinite(svd.S).all():
         raise NonFinite("merged weight has non-finite singular values")
-    return Decomposition(svd, max_cos, int((distance(max_cos) < svd.error).sum()))
+    result = Decomposition(svd, max_cos, int((distance(max_cos) < svd.error).sum()))
+    if result.uncertain and (W0.dtype != torch.float64 or basis.dtype != torch.float64):
+        return _resolve(matrix, config, result, exact_basis or (lambda: float64_basis(matrix)), generator_for)
+    return result
+
+
+def float64_basis(matrix: WeightMatrix) -> Tensor:
+    """The thin left singular basis of ``matrix``'s pretrained weight by a float64 LAPACK SVD: what a float64
+    full-SVD recount compares against, on the weights' device."""
+    return pretrained_basis_and_spectrum(matrix.base_weight().detach().double(), torch.float64, "svd")[0]
+
+
+def _resolve(
+    matrix: WeightMatrix,
+    config: SpectralConfig,
+    rough: Decomposition,
+    exact_basis: Callable[[], Tensor],
+    generator_for: Callable[[torch.device], torch.Generator] | None,
+) -> Decomposition:
+    """Settle the decisions ``rough`` left uncertain: the same matrix decomposed in float64 (cold start, factors and
+    base weight in float64) against a float64 basis, where the bound and the basis are ~1e-15 wide instead of the
+    ~1e-7 of float32 and 4.9e-4 of a float16 basis. The triplets and cosines of that pass replace the rough ones (the
+    counts are then a float64 full SVD's); the rough search space is kept to warm-start the next measurement in
+    the working precision."""
+    fine = decompose(matrix, exact_basis(), replace(config, compute_dtype="float64"), generator_for=generator_for)
+    svd = replace(fine.svd, block=rough.svd.block)
+    return Decomposition(svd, fine.max_cos, fine.uncertain, rough.uncertain - fine.uncertain)
 
 
 def _seeded(seed: int) -> Callable[[torch.device], torch.Generator]:
@@ -161,6 +200,7 @@ class Measurer:
         self.layers = layers
         self.guard = guard
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._exact_bases: OrderedDict[str, Tensor] = OrderedDict()  # float64 bases of layers that needed one
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -171,6 +211,19 @@ class Measurer:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.config.seed)
         return self._generators[device]
+
+    def exact_basis(self, matrix: WeightMatrix) -> Tensor:
+        """The float64 basis a threshold decision of this layer needs (:func:`float64_basis`), kept for the layers
+        that needed one most recently while they hold at most ``EXACT_BASIS_BYTES``: a layer near a threshold
+        tends to stay there for several measurements."""
+        cache = self._exact_bases
+        if matrix.name in cache:
+            cache.move_to_end(matrix.name)
+            return cache[matrix.name]
+        basis = cache[matrix.name] = float64_basis(matrix)
+        while len(cache) > 1 and sum(b.numel() * b.element_size() for b in cache.values()) > EXACT_BASIS_BYTES:
+            cache.popitem(last=False)
+        return basis
 
     def decompose(self, matrix: WeightMatrix) -> Decomposition:
         """:func:`decompose` against this layer's snapshot, warm-started from and handing on to its last solve."""
@@ -184,6 +237,7 @@ class Measurer:
             shape=state.shape,
             warm_start=state.warm_start,
             generator_for=self.generator,
+            exact_basis=lambda: self.exact_basis(matrix),
         )
         state.warm_start, state.last_vectors = result.svd.block, result.svd.U
         return result
@@ -211,9 +265,10 @@ class Measurer:
             intruder_energy_share=intruder_energy_share(svd.S, max_cos, primary),
             intruder_sigma_ratio=intruder_sigma_ratio(svd.S, max_cos, primary, sigma1),
             first_intruder=first_intruder_position(max_cos, primary),
-            converged=svd.converged,
+            converged=svd.converged and result.uncertain == 0,
             iterations=svd.iterations,
             uncertain=result.uncertain,
+            resolved=result.resolved,
             seconds=time.perf_counter() - t0,
         )
 

@@ -143,7 +143,8 @@ def scale_intruders(
     result = MitigationResult(new_adapter_name, mode, lam)
     new_factors: dict[str, tuple[Tensor, Tensor]] = {}
     for matrix in matrices:
-        svd, max_cos, _ = detect(matrix)
+        found_here = detect(matrix)
+        svd, max_cos = found_here.svd, found_here.max_cos
         intruders = torch.nonzero(max_cos[:top_k] < epsilon).flatten().tolist()
         chosen = intruders[:1] if which == "top" else intruders
         result.scaled[matrix.name] = [ScaledDirection(i, float(svd.S[i]), float(max_cos[i])) for i in chosen]

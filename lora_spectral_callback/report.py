@@ -21,8 +21,10 @@ class LayerReport:
 
     ``max_cos[i]`` is the largest |cosine| between the i-th top left singular vector of the merged matrix and any
     pretrained left singular vector; it is an intruder at ``epsilon`` iff ``max_cos[i] < epsilon``.
-    ``uncertain`` counts vectors whose ``max_cos`` lies closer to some threshold than its error bound
-    (the count could flip under exact arithmetic); it is 0 whenever ``converged`` holds.
+    A ``max_cos`` closer to a threshold than the working precision can place (float32, a float16 basis) is settled
+    by a float64 pass over that matrix (``resolved`` counts those decisions), so the counts are those of a float64
+    full SVD; ``uncertain`` counts decisions even float64 could not make (expected 0: a cosine within ~1e-12 of a
+    threshold, or singular values too close to tell their vectors apart). It is 0 whenever ``converged`` holds.
 
     Signals that do not saturate on large models, at the primary epsilon, from the same top-k triplets (see
     :mod:`.metrics`; any other epsilon can be recomputed from ``max_cos`` and ``singular_values``):
@@ -41,9 +43,10 @@ class LayerReport:
         intruder_energy_share: Share of the top-k spectral energy carried by intruders.
         intruder_sigma_ratio: Largest intruder singular value over ``pretrained_sigma1``.
         first_intruder: 1-based rank of the strongest intruder; ``k + 1`` when there is none.
-        converged: Whether the solver met its error bound.
+        converged: Whether the solver met its error bound and no decision is left uncertain.
         iterations: Solver iterations in this measurement.
-        uncertain: Decisions closer to a threshold than the arithmetic can resolve.
+        uncertain: Decisions closer to a threshold than even float64 can resolve (counted as computed).
+        resolved: Decisions the working precision left open that a float64 pass settled.
         seconds: Wall time of this layer's measurement.
     """
 
@@ -60,6 +63,7 @@ class LayerReport:
     iterations: int = 0
     uncertain: int = 0
     seconds: float = 0.0
+    resolved: int = 0
 
 
 @dataclass
@@ -165,6 +169,16 @@ class SpectralReport:
         data = dict(data)
         data["layers"] = {name: LayerReport(**layer) for name, layer in data.get("layers", {}).items()}
         return cls(**data)
+
+    @property
+    def uncertain(self) -> int:
+        """Decisions left uncertain, summed over the measured layers (expected 0; see :class:`LayerReport`)."""
+        return sum(layer.uncertain for layer in self.layers.values())
+
+    @property
+    def resolved(self) -> int:
+        """Decisions settled by a float64 pass, summed over the measured layers."""
+        return sum(layer.resolved for layer in self.layers.values())
 
     def offenders(self, limit: int | None = None) -> list[tuple[str, int]]:
         """Layers with intruders at the primary epsilon, most first."""

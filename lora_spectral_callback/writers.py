@@ -12,7 +12,8 @@ Tags (``<layer>`` is the readable module path, ``<eps>`` formatted with ``%g``):
   ``spectral/first_intruder/<layer>`` (k + 1: no intruder)
 - ``spectral/singular_values/<layer>`` (histogram of the top-k singular values of the merged weight)
 - ``spectral/errors`` (layers skipped in this measurement), ``spectral/pending`` (layers whose background snapshot
-  is not done yet) and ``spectral/seconds`` (time it took)
+  is not done yet), ``spectral/uncertain`` (threshold decisions even float64 could not make; expected 0),
+  ``spectral/resolved`` (decisions a float64 pass settled) and ``spectral/seconds`` (time it took)
 - ``spectral/summary`` (text: totals and the top offending layers)
 - pictures, only through ``write_figures``: ``spectral/intruder_grid``, ``spectral/cosine/<layer>`` (|cos| heatmap,
   paper Fig. 1) and ``spectral/spectrum/<layer>`` (merged vs pretrained singular values)
@@ -47,6 +48,8 @@ def headline_metrics(report: SpectralReport) -> dict[str, float]:
         out["spectral/errors"] = len(report.errors)
     if report.pending:
         out["spectral/pending"] = len(report.pending)
+    if report.uncertain:
+        out["spectral/uncertain"] = report.uncertain
     return out
 
 
@@ -55,6 +58,8 @@ def scalar_metrics(report: SpectralReport) -> dict[str, float]:
     out = headline_metrics(report)
     out["spectral/errors"] = len(report.errors)
     out["spectral/pending"] = len(report.pending)
+    out["spectral/uncertain"] = report.uncertain
+    out["spectral/resolved"] = report.resolved
     out["spectral/seconds"] = report.seconds
     if report.first_intruder is not None:
         out["spectral/first_intruder"] = report.first_intruder
