@@ -17,7 +17,7 @@ from .background import BackgroundMeasurer
 from .config import SpectralConfig, require, require_int
 from .distributed import any_rank
 from .figures import figure_layers, require_matplotlib
-from .guard import FaultGuard
+from .guard import FAILED, FaultGuard
 from .monitor import SpectralMonitor
 from .report import SpectralReport
 from .writers import GuardedWriter, TensorBoardWriter, headline_metrics
@@ -252,6 +252,9 @@ class LoRASpectralCallback(TrainerCallback):
             report = self.guard("measurement", lambda: monitor.measure(step))
             if isinstance(report, SpectralReport):
                 stop = self._handle(args, state, control, report, final)
+            if report is not FAILED:  # a collective failure fails on every rank, so all skip the pictures alike
+                drawn = report if isinstance(report, SpectralReport) else None  # None: a rank other than the main
+                self._write_pictures(drawn, step, final or step >= state.max_steps > 0)
         if not final:
             self._stop_requested = any_rank(stop) or self._stop_requested
 
@@ -264,10 +267,12 @@ class LoRASpectralCallback(TrainerCallback):
             report = self.guard("measurement", lambda: background.collect(wait))
             if isinstance(report, SpectralReport):
                 stop = self._handle(args, state, control, report, final=False)
+                step = state.global_step if report.step is None else report.step  # the step it describes
+                self._write_pictures(report, step, step >= state.max_steps > 0)
         self._stop_requested = any_rank(stop) or self._stop_requested
 
     def _handle(self, args, state: TrainerState, control: TrainerControl, report: SpectralReport, final: bool) -> bool:
-        """Record a finished measurement: alert (hook first), write, log, draw. True means stop.
+        """Record a finished measurement: alert (hook first), write, log. True means stop.
 
         A failing hook, proxy or writer is added to ``report.errors`` under its own name, so ``spectral/errors``
         counts it: in TensorBoard for a hook failure, in the log history (and report_to integrations) for a write
@@ -286,7 +291,6 @@ class LoRASpectralCallback(TrainerCallback):
             self.writer.write(report, step)
             self.writer.write_scalars(drift, step)
         self._log(args, state, control, {**headline_metrics(report), **drift}, step)
-        self._write_pictures(report, step, final or step >= state.max_steps > 0)
         if alert is None:
             return False
         return (alert.nonfinite and self.stop_on_nonfinite) or (not alert.nonfinite and self.stop_training)
@@ -313,15 +317,19 @@ class LoRASpectralCallback(TrainerCallback):
             self.guard("Trainer log", lambda: handler.on_log(args, state, control, dict(logs)))
             control.should_log = should_log
 
-    def _write_pictures(self, report: SpectralReport, step: int, final: bool) -> None:
+    def _write_pictures(self, report: SpectralReport | None, step: int, final: bool) -> None:
+        """Draw when due. Under a split across ranks every rank calls this (``report`` only on the main process):
+        each rank holds its own layers' last vectors, and ``spectra`` gathers them."""
         every = self.image_every_n_measurements
         due = every is not None and (final or self._measurements % every == 0)
         self._measurements += 1
-        if due and self.writer is not None:
-            names = figure_layers(report, self.image_layers)
-            spectra = self.guard("TensorBoard pictures", lambda: self._live_monitor.spectra(names))
-            if isinstance(spectra, dict):
-                self.writer.write_figures(report, spectra, step)
+        monitor = self._live_monitor
+        if not due or (report is None and not monitor.split):
+            return
+        names = None if report is None else figure_layers(report, self.image_layers)
+        spectra = self.guard("TensorBoard pictures", lambda: monitor.spectra(names))
+        if isinstance(spectra, dict) and report is not None and self.writer is not None:
+            self.writer.write_figures(report, spectra, step)
 
     # -- set-up ------------------------------------------------------------------------------------------------
     @property

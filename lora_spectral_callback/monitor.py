@@ -18,7 +18,7 @@ from torch import nn
 from .basis_store import BasisStore
 from .config import DTYPES, SpectralConfig
 from .discovery import find_matrices
-from .distributed import is_main_process, rank_and_world
+from .distributed import all_gather_objects, is_main_process, rank_and_world
 from .full_finetune import Keep
 from .guard import FaultGuard
 from .matrix import WeightMatrix
@@ -26,7 +26,7 @@ from .measure import Decomposition, Measurer
 from .ranks import combine_reports, gathered, owned_share, shape_only
 from .report import LayerReport, LayerSpectra, SpectralReport
 from .sharding import module_is_sharded
-from .snapshot import Snapshots
+from .snapshot import LayerState, Snapshots
 
 __all__ = ["SpectralConfig", "SpectralMonitor"]
 
@@ -214,14 +214,44 @@ class SpectralMonitor:
         """|cos| matrix and pretrained spectrum of the last measurement of ``names`` (default: all measured), for
         pictures. ``n_pretrained`` (default ``2 * top_k``) pretrained vectors are compared; the pretrained
         singular values were kept from the snapshot's SVD, so no weight is read (nor, when sharded, gathered).
+
+        When split across ranks each rank holds the last vectors of its own share, so this is a collective like
+        ``measure``: the main process's ``names`` count, every rank sends the pictures of its layers, and the main
+        process returns them all (the others an empty dict).
         """
         n = n_pretrained or 2 * self.config.top_k
         layers = self.snapshots.layers
-        measured = [name for name, state in layers.items() if state.last_vectors is not None]
-        out: dict[str, LayerSpectra] = {}
-        for name in measured if names is None else names:
-            try:
-                out[name] = layers[name].spectra(n)
-            except ValueError:
-                raise ValueError(f"layer {name!r} has not been measured yet") from None
-        return out
+        if not self.split:
+            return _spectra_of(layers, names, n)
+        names = all_gather_objects(names)[0]  # the main process decides which layers
+        owned = [m.name for m in self._share() if layers[m.name].last_vectors is not None]
+        try:
+            local: dict[str, LayerSpectra] | str = _spectra_of(
+                layers, owned if names is None else [name for name in names if name in owned], n
+            )
+        except Exception as err:  # every rank must still reach the gather, then all raise
+            local = f"{type(err).__name__}: {err}"
+        parts = all_gather_objects(local)
+        failures = [f"rank {rank}: {part}" for rank, part in enumerate(parts) if isinstance(part, str)]
+        if failures:
+            raise RuntimeError("pictures failed on " + "; ".join(failures))
+        if not is_main_process():
+            return {}
+        gathered = {name: s for part in parts if isinstance(part, dict) for name, s in part.items()}
+        order = [m.name for m in self.matrices if m.name in gathered] if names is None else list(names)
+        missing = [name for name in order if name not in gathered]
+        if missing:
+            raise ValueError(f"layer {missing[0]!r} has not been measured yet")
+        return {name: gathered[name] for name in order}
+
+
+def _spectra_of(layers: dict[str, LayerState], names: Sequence[str] | None, n: int) -> dict[str, LayerSpectra]:
+    """The pictures of ``names`` (default: every measured layer) from the states this process holds."""
+    measured = [name for name, state in layers.items() if state.last_vectors is not None]
+    out: dict[str, LayerSpectra] = {}
+    for name in measured if names is None else names:
+        try:
+            out[name] = layers[name].spectra(n)
+        except ValueError:
+            raise ValueError(f"layer {name!r} has not been measured yet") from None
+    return out
