@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.fabric.wrappers import is_wrapped
 import torch
-from torch import nn
+from lightning.fabric.wrappers import is_wrapped
 
 from .schedule import SpectralSchedule
 
@@ -83,11 +82,10 @@ class SpectralFabricCallback:
         self.schedule = SpectralSchedule(every_n_steps, **kwargs)
         self.should_stop = False
 
-    def on_train_start(self, fabric: Any, model: nn.Module) -> None:
+    def on_train_start(self, fabric: Any, model: Any) -> None:
         self.schedule.log = lambda metrics, step: fabric.log_dict(metrics, step)
-        if is_wrapped(model):  # what fabric.setup returned: layer names without the wrapper's prefix
-            model = model.module
-        self._act(fabric, self.schedule.start(model, fabric.is_global_zero))
+        inner = model.module if is_wrapped(model) else model  # fabric.setup's wrapper: names without its prefix
+        self._act(fabric, self.schedule.start(inner, fabric.is_global_zero))
 
     def on_train_batch_end(self, fabric: Any, step: int) -> None:
         if self.schedule.due(step):
