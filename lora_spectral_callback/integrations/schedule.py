@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SpectralSchedule"]
 
+# the keyword options that are alert limits (IntruderThreshold's), not SpectralConfig fields
+_LIMITS = ("max_intruders", "max_intruders_per_layer", "max_intruder_energy_share", "max_intruder_sigma_ratio")
+
 
 class SpectralSchedule:
     """Measure a model at step 0, every ``every_n_steps`` optimizer steps and at the end; record; decide on alerts.
@@ -31,15 +34,16 @@ class SpectralSchedule:
 
     Args:
         every_n_steps: Measure every N optimizer steps (and at :meth:`start`, and at the end).
-        max_intruders, max_intruders_per_layer, patience, max_intruder_energy_share, max_intruder_sigma_ratio:
-            The alert limits of :class:`~lora_spectral_callback.IntruderThreshold`.
+        patience: Consecutive measurements over a limit before an alert.
         stop_training: Ask to stop on an alert (NaN/Inf weights only with ``stop_on_nonfinite``).
         stop_on_nonfinite: Also stop when a weight becomes NaN/Inf.
         writer: Where every report goes in full (e.g. a :class:`~lora_spectral_callback.TensorBoardWriter`);
             ``None``: only the headline numbers, through ``log``.
         on_alert: ``callable(report)`` called on an alert.
         log: ``callable(metrics, step)`` that hands the headline numbers to the framework's loggers.
-        **options: :class:`~lora_spectral_callback.SpectralConfig` fields (``top_k``, ``epsilon``, ``include``, ...).
+        **options: The alert limits of :class:`~lora_spectral_callback.IntruderThreshold` (``max_intruders``,
+            ``max_intruders_per_layer``, ``max_intruder_energy_share``, ``max_intruder_sigma_ratio``) and
+            :class:`~lora_spectral_callback.SpectralConfig` fields (``top_k``, ``epsilon``, ``include``, ...).
 
     Raises:
         ValueError: A bad option, before training starts.
@@ -48,11 +52,7 @@ class SpectralSchedule:
     def __init__(
         self,
         every_n_steps: int = 50,
-        max_intruders: int | None = None,
-        max_intruders_per_layer: int | None = None,
         patience: int = 1,
-        max_intruder_energy_share: float | None = None,
-        max_intruder_sigma_ratio: float | None = None,
         stop_training: bool = True,
         stop_on_nonfinite: bool = False,
         writer: MetricWriter | None = None,
@@ -62,16 +62,11 @@ class SpectralSchedule:
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} is invalid: must be an integer >= 1")
+        limits = {name: options.pop(name) for name in _LIMITS if name in options}
+        self.threshold = IntruderThreshold(patience=patience, **limits)
         SpectralConfig(**options)  # fail now, not at the first step
         self.every_n_steps = every_n_steps
         self.options = options
-        self.threshold = IntruderThreshold(
-            max_intruders,
-            max_intruders_per_layer,
-            patience,
-            max_intruder_energy_share=max_intruder_energy_share,
-            max_intruder_sigma_ratio=max_intruder_sigma_ratio,
-        )
         self.stop_training = stop_training
         self.stop_on_nonfinite = stop_on_nonfinite
         self.writer = writer
