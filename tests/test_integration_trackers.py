@@ -29,19 +29,21 @@ HEADLINE = [
 
 
 def run_script(out: Path, trackers: list[str], *flags: str) -> dict:
-    """Train in a child process with every store under ``out``; the child's ``result.json``."""
+    """Train in a child process, in ``out`` with every store under it; the child's ``result.json``."""
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{out}/mlflow.db",
         "WANDB_MODE": "offline",
         "WANDB_DIR": str(out),
         "WANDB_SILENT": "true",
+        **{f"WANDB_{d}_DIR": str(out / "wandb-home") for d in ("CACHE", "CONFIG", "DATA")},
         "TRACKIO_DIR": str(out / "trackio"),
         "OMP_NUM_THREADS": "1",
     }
     done = subprocess.run(
         [sys.executable, str(SCRIPT), ",".join(trackers), str(out), *flags],
         env=env,
+        cwd=out,
         capture_output=True,
         text=True,
         timeout=600,
