@@ -6,7 +6,7 @@ import copy
 
 from helpers import reference_counts
 
-from lora_spectral_callback.full_finetune import weight_matrix
+from lora_spectral_callback.layout import weight_matrix
 
 
 def recount_peft(peft_model, names: list[str], epsilon: list[float]) -> tuple[dict[float, int], dict[str, int]]:
