@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from .. import IntruderThreshold, MetricWriter, SpectralConfig, SpectralMonitor, SpectralReport
+from ..config import require_int
 from ..writers import headline_metrics
 
 logger = logging.getLogger(__name__)
@@ -60,13 +61,11 @@ class SpectralSchedule:
         log: Callable[[dict[str, float], int], Any] | None = None,
         **options: Any,
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps!r} is invalid: must be an integer >= 1")
+        require_int("every_n_steps", every_n_steps, 1)
         limits = {name: options.pop(name) for name in _LIMITS if name in options}
         self.threshold = IntruderThreshold(patience=patience, **limits)
-        SpectralConfig(**options)  # fail now, not at the first step
+        self.config = SpectralConfig(**options)  # checked now, not at the first step; the monitor takes it as it is
         self.every_n_steps = every_n_steps
-        self.options = options
         self.stop_training = stop_training
         self.stop_on_nonfinite = stop_on_nonfinite
         self.writer = writer
@@ -77,12 +76,12 @@ class SpectralSchedule:
         self.last_measured_step = -1  # kept in checkpoints (state_dict), so a resumed run keeps its schedule
 
     def start(self, model: nn.Module, is_main: bool, step: int = 0) -> bool:
-        """Find the monitored layers, snapshot the pretrained bases and take the baseline measurement (unless a
-        restored state already has one). Returns the local stop decision, like :meth:`measure`."""
+        """Find the monitored layers, start the snapshot of the pretrained bases and take the baseline measurement
+        (unless a restored state already has one). Returns the local stop decision, like :meth:`measure`."""
         if self.monitor is None:
-            self.monitor = SpectralMonitor(model, **self.options)
+            self.monitor = SpectralMonitor(model, self.config)
         if is_main or self.monitor.collective:
-            self.monitor.snapshot()
+            self.monitor.start()  # in the background when it is slow (SpectralConfig.snapshot)
         return self.last_measured_step < 0 and self.measure(step, is_main)
 
     def due(self, step: int) -> bool:
@@ -114,8 +113,12 @@ class SpectralSchedule:
         return self.stop_on_nonfinite if alert.nonfinite else self.stop_training
 
     def finish(self, step: int, is_main: bool) -> None:
-        """The final measurement (if ``step`` was not measured yet); then close the writer."""
-        if self.monitor is not None and step > self.last_measured_step:
+        """The final measurement (if ``step`` was not measured yet), of every layer: a background snapshot is waited
+        for first, so no thread outlives training; then close the writer."""
+        monitor = self.monitor
+        if monitor is not None and (is_main or monitor.collective):
+            monitor.snapshot()
+        if monitor is not None and step > self.last_measured_step:
             self.measure(step, is_main)
         if self.writer is not None:
             self.writer.close()
