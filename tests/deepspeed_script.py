@@ -8,21 +8,20 @@ parameters under 100k elements stay whole on every rank, and nothing would need 
 gathered final weights.
 """
 
-import copy
+import functools
 import json
 import os
 import sys
 
 import deepspeed
-from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import RandomTokens, recount_run, tiny_bert
+from dist_common import EPS, full_phase, lora_tiny_bert, measured_phase, record_measurements
+from helpers import RandomTokens
+from training import make_trainer
 
 from lora_spectral_callback import LoRASpectralCallback
 
-EPS = [0.5, 0.7]
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
 
@@ -47,41 +46,35 @@ class Counting(LoRASpectralCallback):
         first = self.monitor is None
         result = super().on_train_begin(args, state, control, **kwargs)
         if first:
-            inner = self.monitor.measure
-
-            def measure(step=None):
-                report = inner(step)
-                self.measured.append((step, report is not None))
-                return report
-
-            self.monitor.measure = measure
+            record_measurements(self.monitor, self.measured)
         return result
 
 
 def train(model, callback, steps, lr, name, stage=3):
-    args = TrainingArguments(
-        output_dir=os.path.join(out, name),
-        max_steps=steps,
+    """The Trainer under DeepSpeed ZeRO-``stage`` (seed 42, the TrainingArguments default): (what this rank saw,
+    the final weights gathered on every rank)."""
+    trainer = make_trainer(
+        os.path.join(out, name),
+        model,
+        [callback],
+        steps,
+        data=RandomTokens(n=128),
         per_device_train_batch_size=4,
         learning_rate=lr,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
         logging_steps=1,
-        disable_tqdm=True,
+        seed=42,
         deepspeed=zero(stage),
     )
-    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=128), callbacks=[callback])
     trainer.train()
     params = list(trainer.model.parameters())
     partitioned = all(p.numel() == 0 for p in params)
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # every rank: a collective
         final = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    return trainer, final, partitioned
+    return {"global_step": trainer.state.global_step, "measured": callback.measured, "partitioned": partitioned}, final
 
 
 def lora_phase(stage=3):
-    pretrained = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    pretrained = lora_tiny_bert()
     callback = Counting(
         every_n_steps=2,
         max_intruders=0,
@@ -91,39 +84,9 @@ def lora_phase(stage=3):
         strict=True,
         asynchronous=stage == 3,
     )
-    trainer, final, partitioned = train(copy.deepcopy(pretrained), callback, 12, 0.3, f"lora{stage}", stage)
-    result = {
-        "global_step": trainer.state.global_step,
-        "measured": callback.measured,
-        "partitioned": partitioned,
-        "svds": callback.monitor.snapshots.store.computed,
-        "asynchronous": callback.asynchronous,
-    }
-    if rank == 0:
-        result.update(recount_run("lora", pretrained, final, callback, EPS))
-    return result
-
-
-def full_phase():
-    pretrained = tiny_bert(hidden=64)
-    callback = Counting(
-        every_n_steps=2,
-        epsilon=EPS,
-        include=r"query|value",
-        mode="full",
-        log_dir=os.path.join(out, "tb-full"),
-        progress=False,
-        strict=True,
-    )
-    trainer, final, partitioned = train(copy.deepcopy(pretrained), callback, steps=4, lr=1e-2, name="full")
-    result = {
-        "global_step": trainer.state.global_step,
-        "measured": callback.measured,
-        "partitioned": partitioned,
-        "svds": callback.monitor.snapshots.store.computed,
-    }
-    if rank == 0:
-        result.update(recount_run("full", pretrained, final, callback, EPS))
+    run = functools.partial(train, name=f"lora{stage}", stage=stage)
+    result = measured_phase("lora", pretrained, callback, 12, 0.3, run, rank)
+    result["asynchronous"] = callback.asynchronous
     return result
 
 
@@ -131,7 +94,7 @@ results = {
     "rank": rank,
     "world_size": int(os.environ["WORLD_SIZE"]),
     "lora": lora_phase(),
-    "full": full_phase(),
+    "full": full_phase(Counting, out, functools.partial(train, name="full"), rank),
     "zero2": lora_phase(stage=2),
 }
 with open(os.path.join(out, f"zero3_{rank}.json"), "w") as f:

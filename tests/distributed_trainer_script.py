@@ -10,32 +10,19 @@ import os
 import sys
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import RandomTokens, recount_run, tiny_bert
+from dist_common import EPS, lora_tiny_bert, record_measurements
+from helpers import RandomTokens, recount_run
+from training import make_trainer
 
 from lora_spectral_callback import LoRASpectralCallback
 
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
-EPS = [0.5, 0.7]
-pretrained = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+pretrained = lora_tiny_bert()
 model = copy.deepcopy(pretrained)
 measured = []
-
-
-def count_measurements(monitor):
-    """Record every measurement call on this rank and whether it returned the report (rank 0 only should)."""
-    inner = monitor.measure
-
-    def measure(step=None):
-        report = inner(step)
-        measured.append((step, report is not None))
-        return report
-
-    monitor.measure = measure
 
 
 class Counting(LoRASpectralCallback):
@@ -44,24 +31,23 @@ class Counting(LoRASpectralCallback):
             from lora_spectral_callback import SpectralMonitor
 
             self.monitor = SpectralMonitor(kwargs["model"], self.config)
-            count_measurements(self.monitor)
+            record_measurements(self.monitor, measured)
         return super().on_train_begin(args, state, control, **kwargs)
 
 
 callback = Counting(every_n_steps=2, max_intruders=0, epsilon=EPS, log_dir=os.path.join(out, "tb"), progress=False)
-args = TrainingArguments(
-    output_dir=os.path.join(out, "out"),
-    max_steps=12,
+trainer = make_trainer(
+    os.path.join(out, "out"),
+    model,
+    [callback],
+    12,
+    data=RandomTokens(n=128),
     per_device_train_batch_size=4,
     learning_rate=0.3,
-    report_to=[],
-    use_cpu=True,
     ddp_backend="gloo",
-    save_strategy="no",
     logging_steps=1,
-    disable_tqdm=True,
+    seed=42,
 )
-trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=128), callbacks=[callback])
 trainer.train()
 result = {
     "rank": rank,

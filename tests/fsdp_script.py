@@ -7,7 +7,6 @@ Each rank writes ``fsdp<N>.json`` to argv[1]: what it measured, where it stopped
 recount of the gathered final weights.
 """
 
-import copy
 import json
 import os
 import sys
@@ -16,16 +15,15 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, get_peft_model
 from torch.distributed.fsdp import fully_shard
 from transformers import TrainerControl, TrainerState
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import RandomTokens, recount_run, tiny_bert
+from dist_common import EPS, full_phase, lora_tiny_bert, measured_phase, record_measurements
+from helpers import RandomTokens, tiny_bert
 
 from lora_spectral_callback import LoRASpectralCallback
 
-EPS = [0.5, 0.7]
 out = sys.argv[1]
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))  # a rank left behind fails fast
 rank = dist.get_rank()
@@ -41,19 +39,14 @@ def shard(model):
 
 
 def train(model, callback, steps, lr):
-    """The Trainer's event order: train begin (baseline measurement), step ends, train end."""
+    """Shards ``model`` and trains it in the Trainer's event order: train begin (baseline measurement), step ends,
+    train end. Returns (what this rank saw, the final weights gathered on every rank)."""
+    model = shard(model)
     args, state, control = SimpleNamespace(output_dir=os.path.join(out, "out")), TrainerState(), TrainerControl()
     state.is_world_process_zero, state.max_steps = rank == 0, steps
     measured = []
     callback.on_train_begin(args, state, control, model=model)
-    inner = callback.monitor.measure
-
-    def measure(step=None):
-        report = inner(step)
-        measured.append((step, report is not None))
-        return report
-
-    callback.monitor.measure = measure
+    record_measurements(callback.monitor, measured)
     data = RandomTokens(n=64, seed=rank)  # each rank its own batches, as under a distributed sampler
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     for step in range(1, steps + 1):
@@ -67,7 +60,7 @@ def train(model, callback, steps, lr):
         if control.should_training_stop:
             break
     callback.on_train_end(args, state, control)
-    return state.global_step, measured
+    return {"global_step": state.global_step, "measured": measured}, gathered_state(model)
 
 
 def gathered_state(model):
@@ -76,8 +69,7 @@ def gathered_state(model):
 
 
 def lora_phase():
-    pretrained = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
-    model = shard(copy.deepcopy(pretrained))
+    pretrained = lora_tiny_bert()
     callback = LoRASpectralCallback(
         every_n_steps=2,
         max_intruders=0,
@@ -89,37 +81,8 @@ def lora_phase():
         forgetting_proxy=lambda model: {"drift": 0.0},
         image_every_n_measurements=1,
     )
-    global_step, measured = train(model, callback, steps=12, lr=0.3)
-    final = gathered_state(model)
-    result = {
-        "global_step": global_step,
-        "measured": measured,
-        "svds": callback.monitor.snapshots.store.computed,
-        "asynchronous": callback.asynchronous,
-        "forgetting_proxy": callback.forgetting_proxy is not None,
-    }
-    if rank == 0:
-        result.update(recount_run("lora", pretrained, final, callback, EPS))
-    return result
-
-
-def full_phase():
-    pretrained = tiny_bert(hidden=64)
-    model = shard(copy.deepcopy(pretrained))
-    callback = LoRASpectralCallback(
-        every_n_steps=2,
-        epsilon=EPS,
-        include=r"query|value",
-        mode="full",
-        log_dir=os.path.join(out, "tb-full"),
-        progress=False,
-        strict=True,
-    )
-    global_step, measured = train(model, callback, steps=4, lr=1e-2)
-    final = gathered_state(model)
-    result = {"global_step": global_step, "measured": measured, "svds": callback.monitor.snapshots.store.computed}
-    if rank == 0:
-        result.update(recount_run("full", pretrained, final, callback, EPS))
+    result = measured_phase("lora", pretrained, callback, 12, 0.3, train, rank)
+    result.update(asynchronous=callback.asynchronous, forgetting_proxy=callback.forgetting_proxy is not None)
     return result
 
 
@@ -129,7 +92,7 @@ def faults_phase():
     from lora_spectral_callback import SpectralMonitor
     from lora_spectral_callback.distributed import any_rank
 
-    model = shard(get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])))
+    model = shard(lora_tiny_bert())
     outcomes = {}
     for strict in (False, True):
         monitor = SpectralMonitor(model, progress=False, strict=strict)
@@ -177,7 +140,7 @@ results = {
     "rank": rank,
     "world_size": dist.get_world_size(),
     "lora": lora_phase(),
-    "full": full_phase(),
+    "full": full_phase(LoRASpectralCallback, out, train, rank),
     "faults": faults_phase(),
     "fsdp1": fsdp1_refused(),
 }

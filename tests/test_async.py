@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import RandomTokens, tiny_bert
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments
+from training import make_trainer
 
 from lora_spectral_callback import LoRASpectralCallback, SpectralMonitor
 from lora_spectral_callback.background import BackgroundMeasurer
@@ -23,19 +23,15 @@ def lora_bert():
 
 def train(tmp_path, max_steps: int, **callback_options):
     callback = LoRASpectralCallback(log_dir=str(tmp_path / "tb"), progress=False, **callback_options)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=max_steps,
-        per_device_train_batch_size=8,
+    trainer = make_trainer(
+        tmp_path / "out",
+        lora_bert(),
+        [callback],
+        max_steps,
+        data=RandomTokens(n=64),
         learning_rate=5e-3,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
         logging_strategy="no",
-        seed=0,
-        disable_tqdm=True,
     )
-    trainer = Trainer(model=lora_bert(), args=args, train_dataset=RandomTokens(n=64), callbacks=[callback])
     trainer.train()
     return trainer, callback
 

@@ -11,7 +11,7 @@ import torch
 from helpers import RandomTokens, reference_counts, tiny_bert
 from peft import LoraConfig, get_peft_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import Trainer, TrainingArguments
+from training import make_trainer
 
 from lora_spectral_callback import LoRASpectralCallback, SpectralMonitor, SpectralReport
 from lora_spectral_callback.callback import default_log_dir
@@ -24,20 +24,17 @@ def lora_bert(seed: int = 0):
 
 
 def train(model, callback, output_dir, max_steps=12, lr=5e-2, **kw):
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
+    trainer = make_trainer(
+        output_dir,
+        model,
+        [callback],
+        max_steps,
+        data=RandomTokens(),
         learning_rate=lr,
-        per_device_train_batch_size=8,
         logging_steps=4,
-        save_strategy="no",
         report_to=["tensorboard"],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
         **kw,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[callback])
     trainer.train()
     return trainer
 

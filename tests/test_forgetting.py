@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from lora_spectral_callback.forgetting import ForgettingProxy, mean_pooled_last_hidden
 from tests.helpers import RandomTokens, tiny_bert, tiny_gpt2
+from tests.training import make_trainer
 
 COS = "spectral/forgetting/embedding_cosine"
 
@@ -92,26 +93,13 @@ def test_bad_options_fail_with_a_message():
 
 
 def _train(tmp_path, proxy, lr=5e-2, steps=12):
-    from transformers import Trainer, TrainingArguments
-
     from lora_spectral_callback import LoRASpectralCallback
 
     model = _lora(tiny_bert())
     callback = LoRASpectralCallback(
         every_n_steps=4, log_dir=str(tmp_path / "tb"), progress=False, forgetting_proxy=proxy
     )
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        learning_rate=lr,
-        max_steps=steps,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_steps=100,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=64), callbacks=[callback])
+    trainer = make_trainer(tmp_path, model, [callback], steps, data=RandomTokens(n=64), learning_rate=lr, seed=42)
     trainer.train()
     return trainer
 

@@ -7,9 +7,10 @@ import logging
 
 import pytest
 import torch
-from helpers import reference_counts, tiny_bert
+from helpers import RandomTokens, reference_counts, tiny_bert
+from training import make_trainer
 
-from lora_spectral_callback import SpectralMonitor
+from lora_spectral_callback import LoRASpectralCallback, SpectralMonitor
 from lora_spectral_callback.layout import weight_matrix
 from lora_spectral_callback.metrics import effective_rank
 
@@ -33,6 +34,24 @@ def assert_matches(report, totals, per_layer, ranks):
     assert report.intruders_total_by_epsilon == {f"{e:g}": totals[e] for e in EPS}
     for name, rank in ranks.items():
         assert report.layers[name].effective_rank == pytest.approx(rank, rel=1e-9)
+
+
+def full_finetune_trainer(tmp_path, model, max_steps: int = 4, seed: int = 42, callback_options=None, **args):
+    """The Trainer runs below: the query/value weights of a plain model measured every 2 steps (strict), lr 1e-2,
+    32 samples (seed 42 is the TrainingArguments default these runs were written with). Returns (trainer, callback)."""
+    callback = LoRASpectralCallback(
+        every_n_steps=2,
+        epsilon=EPS,
+        include=r"query|value",
+        log_dir=str(tmp_path / "tb"),
+        progress=False,
+        strict=True,
+        **(callback_options or {}),
+    )
+    trainer = make_trainer(
+        tmp_path / "out", model, [callback], max_steps, data=RandomTokens(n=32), learning_rate=1e-2, seed=seed, **args
+    )
+    return trainer, callback
 
 
 def test_auto_mode_picks_full_for_a_plain_model(caplog):
@@ -119,27 +138,10 @@ def test_small_lr_full_finetune_of_real_minilm_has_no_invented_intruders():
 
 
 def test_callback_full_finetune_with_trainer(tmp_path):
-    from helpers import RandomTokens
-    from transformers import Trainer, TrainingArguments
-
-    from lora_spectral_callback import LoRASpectralCallback
-
     model = tiny_bert(hidden=64)
     pretrained = copy.deepcopy(model)
-    callback = LoRASpectralCallback(
-        every_n_steps=2, epsilon=EPS, include=r"query|value", log_dir=str(tmp_path / "tb"), progress=False, strict=True
-    )
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    Trainer(model=model, args=args, train_dataset=RandomTokens(n=32), callbacks=[callback]).train()
+    trainer, callback = full_finetune_trainer(tmp_path, model)
+    trainer.train()
     assert callback.monitor.mode == "full"
     report = callback.last_report
     assert report.step == 4 and len(report.layers) == 4
@@ -171,34 +173,17 @@ def test_auto_mode_measures_other_peft_tuners_as_adapters():
 def test_resumed_full_finetune_measures_against_the_first_runs_baseline(tmp_path, basis_device):
     """The resumed model is already fine-tuned: the monitor must use the copies the first run saved, not retake
     them; a missing or different baseline stops the resume with a clear error."""
-    from helpers import RandomTokens
-    from transformers import Trainer, TrainingArguments
-
-    from lora_spectral_callback import LoRASpectralCallback
 
     def trainer(model, max_steps):
-        callback = LoRASpectralCallback(
-            every_n_steps=2,
-            epsilon=EPS,
-            include=r"query|value",
-            log_dir=str(tmp_path / "tb"),
-            basis_device=basis_device,
-            progress=False,
-            strict=True,
-        )
-        args = TrainingArguments(
-            output_dir=str(tmp_path / "out"),
-            max_steps=max_steps,
-            per_device_train_batch_size=8,
-            learning_rate=1e-2,
-            report_to=[],
-            use_cpu=True,
+        return full_finetune_trainer(
+            tmp_path,
+            model,
+            max_steps,
+            seed=0,
+            callback_options=dict(basis_device=basis_device),
             save_strategy="steps",
             save_steps=2,
-            disable_tqdm=True,
-            seed=0,
         )
-        return Trainer(model=model, args=args, train_dataset=RandomTokens(n=32), callbacks=[callback]), callback
 
     pretrained = tiny_bert(hidden=64)
     first, _ = trainer(copy.deepcopy(pretrained), max_steps=2)
@@ -218,33 +203,9 @@ def test_resumed_full_finetune_measures_against_the_first_runs_baseline(tmp_path
 def test_asynchronous_full_finetune_measures_the_captured_weights(tmp_path):
     """A full fine-tune trains the weights themselves: the background worker must measure a copy taken at the
     step, and the final numbers equal a float64 recount."""
-    from helpers import RandomTokens
-    from transformers import Trainer, TrainingArguments
-
-    from lora_spectral_callback import LoRASpectralCallback
-
     model = tiny_bert(hidden=64)
     pretrained = copy.deepcopy(model)
-    callback = LoRASpectralCallback(
-        every_n_steps=2,
-        epsilon=EPS,
-        include=r"query|value",
-        asynchronous=True,
-        log_dir=str(tmp_path / "tb"),
-        progress=False,
-        strict=True,
-    )
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=32), callbacks=[callback])
+    trainer, callback = full_finetune_trainer(tmp_path, model, callback_options=dict(asynchronous=True))
     trainer.train()
     history = [h["step"] for h in trainer.state.log_history if "spectral/intruders_total" in h]
     assert history == [0, 2, 4]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import reference_counts, tiny_gpt2
 from peft import LoraConfig
+from training import make_trainer
 
 from lora_spectral_callback.layout import weight_matrix
 
@@ -47,26 +48,21 @@ def test_trl_sft_trainer_with_peft_config(tmp_path):
     callback = LoRASpectralCallback(
         every_n_steps=2, epsilon=EPS, log_dir=str(tmp_path / "tb"), progress=False, strict=True
     )
-    args = SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=8,
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    trainer = make_trainer(
+        tmp_path / "out",
+        model,
+        [callback],
+        4,
+        data=data,
+        args_class=SFTConfig,
+        trainer_class=SFTTrainer,
+        trainer_options=dict(processing_class=tokenizer, peft_config=peft_config),
         learning_rate=5e-3,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
         logging_steps=1,
+        seed=42,
         eos_token=tokenizer.sep_token,
         pad_token=tokenizer.pad_token,
-    )
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[callback],
     )
     trainer.train()
     measured = [h["step"] for h in trainer.state.log_history if "spectral/intruders_total" in h]

@@ -74,6 +74,13 @@ def assume_well_posed(p: Problem, basis_too: bool = False) -> None:
         assume(bool(S0[-1] > GAP * S0[0]) and bool(((S0[:-1] - S0[1:]) > GAP * S0[0]).all()))
 
 
+def against_reference(p: Problem, solve) -> tuple:
+    """On a well-posed ``p``: ``solve(p)``'s (max|cos|, svd) beside the float64 reference's (max|cos|, singular
+    values)."""
+    assume_well_posed(p)
+    return *solve(p), *reference(p)
+
+
 def exact(p: Problem):
     basis = pretrained_basis_and_spectrum(p.W0, torch.float64, "svd")[0]  # the reference's own basis
     svd = exact_top_singular_triplets(LowRankUpdatedMatrix(p.W0, p.B, p.A), p.k)
@@ -115,9 +122,7 @@ def rotated(p: Problem, seed: int) -> Problem:
 @PROPERTIES
 @given(problems())
 def test_exact_path_agrees_with_full_svd(p):
-    assume_well_posed(p)
-    max_cos, svd = exact(p)
-    ref_cos, ref_S = reference(p)
+    max_cos, svd, ref_cos, ref_S = against_reference(p, exact)
     assert torch.allclose(max_cos, ref_cos, atol=1e-9)
     assert torch.allclose(svd.S, ref_S, rtol=1e-10, atol=1e-12 * float(ref_S[0]))
     assert count_intruders(max_cos, p.epsilons) == count_intruders(ref_cos, p.epsilons)
@@ -126,9 +131,7 @@ def test_exact_path_agrees_with_full_svd(p):
 @PROPERTIES
 @given(problems())
 def test_iterative_path_agrees_with_full_svd_within_its_error_bound(p):
-    assume_well_posed(p)
-    max_cos, svd = iterative(p)
-    ref_cos, ref_S = reference(p)
+    max_cos, svd, ref_cos, ref_S = against_reference(p, iterative)
     # The a-posteriori bound on each vector bounds the error of its cosine: the solver's own contract.
     assert bool(((max_cos - ref_cos).abs() <= svd.error + 1e-9).all())
     # A count is certain once its cosine is farther from every epsilon than the bound; then it is exact.

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from lora_spectral_callback.callback import LoRASpectralCallback
 from tests.helpers import RandomTokens, tiny_bert
+from tests.training import make_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -97,18 +98,10 @@ def test_spectral_scalars_appear_in_live_tensorboard_before_training_ends(tmp_pa
 
         model = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
         callback = LoRASpectralCallback(every_n_steps=1, log_dir=str(logdir / "spectral"), progress=False)
-        args = TrainingArguments(
-            output_dir=str(tmp_path / "out"),
-            max_steps=5,
-            per_device_train_batch_size=8,
-            learning_rate=5e-2,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=100,
-            use_cpu=True,
-            disable_tqdm=True,
+        trainer = make_trainer(
+            tmp_path / "out", model, [callback, gate], 5, data=RandomTokens(n=64), learning_rate=5e-2, seed=42
         )
-        trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=64), callbacks=[callback, gate])
+        args = trainer.args
         worker = threading.Thread(target=trainer.train, daemon=True)
         worker.start()
         assert gate.reached.wait(120), "training did not reach the gate"

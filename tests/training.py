@@ -20,7 +20,21 @@ def lora_bert(seed: int = 0, random_update: bool = True):
     return get_peft_model(tiny_bert(hidden=32, layers=2, seed=seed), config)
 
 
-def make_trainer(output_dir, model, callbacks: list[TrainerCallback], max_steps: int = 6, **args) -> Trainer:
+def make_trainer(
+    output_dir,
+    model,
+    callbacks: list[TrainerCallback],
+    max_steps: int = 6,
+    *,
+    data=None,
+    args_class: type[TrainingArguments] = TrainingArguments,
+    trainer_class: type[Trainer] = Trainer,
+    trainer_options: dict | None = None,
+    **args,
+) -> Trainer:
+    """A short CPU Trainer run, not started. ``args`` add to or override the TrainingArguments below; ``data`` is
+    the train dataset (default 32 ``RandomTokens``); ``args_class``/``trainer_class`` (with ``trainer_options``
+    for the extra constructor arguments) take another trainer, e.g. TRL's SFTConfig/SFTTrainer."""
     options = dict(
         max_steps=max_steps,
         per_device_train_batch_size=8,
@@ -33,11 +47,12 @@ def make_trainer(output_dir, model, callbacks: list[TrainerCallback], max_steps:
         seed=0,
     )
     options.update(args)
-    return Trainer(
+    return trainer_class(
         model=model,
-        args=TrainingArguments(str(output_dir), **options),
-        train_dataset=RandomTokens(32),
+        args=args_class(str(output_dir), **options),
+        train_dataset=RandomTokens(32) if data is None else data,
         callbacks=callbacks,
+        **(trainer_options or {}),
     )
 
 

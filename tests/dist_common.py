@@ -1,0 +1,56 @@
+"""Shared by the scripts test_distributed.py runs under torchrun (they put tests/ on sys.path first): the tiny
+models, the measurement counter, and the phases whose numbers rank 0 checks against a float64 recount."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+from helpers import recount_run, tiny_bert
+from peft import LoraConfig, get_peft_model
+
+EPS = [0.5, 0.7]
+
+
+def lora_tiny_bert():
+    """Tiny BERT with LoRA on query/value (B = 0 at init: the merged weights start as the pretrained ones)."""
+    return get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+
+
+def record_measurements(monitor, measured: list) -> None:
+    """Append ``(step, returned a report)`` to ``measured`` at every measurement on this rank (rank 0 alone
+    should get the reports)."""
+    inner = monitor.measure
+
+    def measure(step=None):
+        report = inner(step)
+        measured.append((step, report is not None))
+        return report
+
+    monitor.measure = measure
+
+
+def measured_phase(mode: str, pretrained, callback, steps: int, lr: float, train, rank: int) -> dict:
+    """``train(model, callback, steps, lr) -> (result, final_state)`` on a copy of ``pretrained``; the result gets
+    this rank's SVD count and, on rank 0, the float64 recount of the gathered final weights (``recount_run``)."""
+    result, final = train(copy.deepcopy(pretrained), callback, steps, lr)
+    result["svds"] = callback.monitor.snapshots.store.computed
+    if rank == 0:
+        result.update(recount_run(mode, pretrained, final, callback, EPS))
+    return result
+
+
+def full_phase(callback_class, out: str, train, rank: int) -> dict:
+    """Full fine-tuning mode as every sharding script runs it: a plain tiny BERT's query/value weights measured
+    every 2 steps (strict, TensorBoard in ``out/tb-full``), 4 steps at lr 1e-2."""
+    pretrained = tiny_bert(hidden=64)
+    callback = callback_class(
+        every_n_steps=2,
+        epsilon=EPS,
+        include=r"query|value",
+        mode="full",
+        log_dir=os.path.join(out, "tb-full"),
+        progress=False,
+        strict=True,
+    )
+    return measured_phase("full", pretrained, callback, 4, 1e-2, train, rank)
