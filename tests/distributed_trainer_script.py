@@ -35,7 +35,15 @@ class Counting(LoRASpectralCallback):
         return super().on_train_begin(args, state, control, **kwargs)
 
 
-callback = Counting(every_n_steps=2, max_intruders=0, epsilon=EPS, log_dir=os.path.join(out, "tb"), progress=False)
+callback = Counting(
+    every_n_steps=2,
+    max_intruders=0,
+    epsilon=EPS,
+    log_dir=os.path.join(out, "tb"),
+    progress=False,
+    image_every_n_measurements=1,  # pictures of every layer, whichever rank measured it
+    image_layers=-1,
+)
 trainer = make_trainer(
     os.path.join(out, "out"),
     model,

@@ -35,6 +35,12 @@ def test_ddp_two_processes_split_the_work_and_stop_together(tmp_path):
     assert main["global_step"] == other["global_step"] == main["alert_step"] < 12  # stopped together, early
     events = [p for p in (tmp_path / "tb").rglob("events*")]
     assert len(events) == 1  # only the main process wrote TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = EventAccumulator(str(events[0].parent), size_guidance={"images": 0})
+    images.Reload()
+    drawn = {tag.removeprefix("spectral/cosine/") for tag in images.Tags()["images"] if "/cosine/" in tag}
+    assert drawn == set(main["counts"])  # every layer, though each rank measured only its half
 
 
 # `accelerate launch --cpu` starts a single process (multi-CPU goes through mpirun); `--multi_gpu` with the
