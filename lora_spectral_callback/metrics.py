@@ -17,6 +17,7 @@ from .products import matmul
 
 __all__ = [
     "SNAPSHOT_METHODS",
+    "fast_float64",
     "pretrained_basis_and_spectrum",
     "max_abs_cosine",
     "count_intruders",
@@ -32,6 +33,15 @@ __all__ = [
 
 
 SNAPSHOT_METHODS = ("gram", "svd")
+
+# compute capabilities with float64 at 1/2 of float32 (or faster, on tensor cores): P100, V100, A100/A30,
+# H100/H200/GH200, B200/GB200. Others (T4, A10, L4, L40S, RTX cards, B300 at 10.3) run it at 1/32-1/64.
+_FAST_FLOAT64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+
+
+def fast_float64(device: torch.device) -> bool:
+    """Whether float64 arithmetic on ``device`` runs at a useful fraction of float32's: CPUs and datacenter GPUs."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) in _FAST_FLOAT64
 
 
 def pretrained_basis_and_spectrum(
