@@ -31,7 +31,9 @@ _BITS = {"tf32": 11, "bf16": 8}
 def reduced_bits(device: torch.device) -> int | None:
     """Significant bits of the format float32 products on ``device`` may round their inputs to (11: TF32, 8:
     bfloat16), or None for IEEE float32. Read at every product: the flags are process-global and may change."""
-    backend = {"cuda": torch.backends.cuda.matmul, "cpu": torch.backends.mkldnn.matmul}.get(device.type)
+    backend = {"cuda": torch.backends.cuda.matmul, "cpu": getattr(torch.backends.mkldnn, "matmul", None)}.get(
+        device.type
+    )
     precision = getattr(backend, "fp32_precision", None)
     if precision == "none":  # inherits the generic setting
         precision = getattr(torch.backends, "fp32_precision", "ieee")
