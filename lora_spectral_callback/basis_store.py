@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .metrics import pretrained_basis_and_spectrum
+from .metrics import fast_float64, pretrained_basis_and_spectrum
 
-__all__ = ["BasisStore", "weight_fingerprint"]
+__all__ = ["BasisStore", "settle", "weight_fingerprint"]
 
 _KEY, _SPECTRUM_KEY, _WEIGHT_KEY = "basis", "singular_values", "weight"
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -55,10 +55,19 @@ class BasisStore:
     basis computed earlier for a weight with the same fingerprint. ``method``: how a basis is computed (see
     :func:`.metrics.pretrained_basis_and_spectrum`; either gives the same basis up to rounding, so cached files are
     shared). ``computed`` counts the decompositions actually run.
+
+    ``method="auto"`` picks by the device the weight is on: the float64 ``"gram"`` where float64 is fast (CPU, and
+    the datacenter GPUs of :func:`.metrics.fast_float64`), else ``"svd"`` in float32 when the basis is stored in 16
+    bits (``benchmarks/bench_snapshot.py``: its cosines are within 1e-5 of float64's, 50x below float16's own
+    rounding of 4.9e-4, which the slack covers), and ``"gram"`` for a 32/64-bit basis, whose user asked for
+    precision.
+
+    A basis is handed out only once the work producing it has completed (:func:`settle`); a CPU basis for a CUDA
+    weight is kept in pinned memory, so that measurements copy it to the GPU asynchronously.
     """
 
     def __init__(
-        self, dtype: torch.dtype, device: str = "cpu", cache_dir: str | None = None, method: str = "gram"
+        self, dtype: torch.dtype, device: str = "cpu", cache_dir: str | None = None, method: str = "auto"
     ) -> None:
         self.dtype = dtype
         self.device = device
@@ -77,7 +86,7 @@ class BasisStore:
         singular values (float64, CPU); from cache if possible."""
         if self.cache_dir is None:
             U0, S = self._compute(W0)
-            return U0.to(self.device, self.dtype), S
+            return self._settled(self._placed(U0, W0.device), W0.device), S
         from safetensors import safe_open
 
         path = os.path.join(
@@ -92,8 +101,23 @@ class BasisStore:
             _save_atomically({_KEY: U0.to("cpu", self.dtype), _SPECTRUM_KEY: S}, path)
         with safe_open(path, "pt") as f:
             S = f.get_tensor(_SPECTRUM_KEY)
-            U0 = _memory_map(path) if self.on_disk else f.get_tensor(_KEY).to(self.device)
-        return U0, S
+            U0 = _memory_map(path) if self.on_disk else self._placed(f.get_tensor(_KEY), W0.device)
+        return self._settled(U0, W0.device), S
+
+    def _placed(self, U0: Tensor, compute: torch.device) -> Tensor:
+        """``U0`` in the storage dtype on the storage device: pinned when it is the CPU and the weight is on CUDA
+        (a copy from pageable memory is staged through a bounce buffer and blocks the host; from pinned memory it
+        runs asynchronously, ordered on the stream like any kernel)."""
+        if self.device == "cpu" and compute.type == "cuda":
+            pinned = torch.empty(U0.shape, dtype=self.dtype, pin_memory=True)
+            return pinned.copy_(U0.to(self.dtype), non_blocking=True)  # completed by _settled
+        return U0.to(self.device, self.dtype)
+
+    @staticmethod
+    def _settled(U0: Tensor, compute: torch.device) -> Tensor:
+        for device in {compute, U0.device}:
+            settle(device)
+        return U0
 
     def disk_copy(self, W: Tensor) -> Tensor:
         """``W`` written to a safetensors file and returned memory-mapped. Copies are per run (a resumed run
@@ -112,7 +136,23 @@ class BasisStore:
 
     def _compute(self, W0: Tensor) -> tuple[Tensor, Tensor]:
         self.computed += 1
-        return pretrained_basis_and_spectrum(W0, W0.dtype, self.method)
+        return pretrained_basis_and_spectrum(W0, W0.dtype, self.method_for(W0.device))
+
+    def method_for(self, device: torch.device) -> str:
+        """The snapshot method used for a weight on ``device`` (see the class docstring for ``"auto"``)."""
+        if self.method != "auto":
+            return self.method
+        narrow = torch.finfo(self.dtype).bits <= 16
+        return "svd" if narrow and not fast_float64(device) else "gram"
+
+
+def settle(device: torch.device) -> None:
+    """Block this thread until the work queued so far on ``device``'s current stream has completed (a basis'
+    decomposition, its asynchronous copies). A snapshot on a worker thread runs on a stream of its own: a basis
+    published before would let a measurement on the training stream read it half-written; it stays pending
+    until then. A no-op off CUDA, where an operation has completed when it returns."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _save_atomically(tensors: dict[str, Tensor], path: str) -> None:

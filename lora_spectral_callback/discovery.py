@@ -21,6 +21,7 @@ from .inits import base_rewriting_inits, configs_for, peft_configs, record_initi
 from .layers import MonitoredMatrix, adapter_names, readable_name
 from .layout import is_matrix_layer
 from .matrix import WeightMatrix
+from .quantized import is_quantized, weight_shape
 from .sharding import logical_shape, unsupported_sharding
 from .tuners import tuner_matrix
 
@@ -166,8 +167,8 @@ def _unsupported_reason(module: Any) -> str | None:
         return f"layer type {type(module).__name__}"
     if is_conv and base.groups != 1:
         return "grouped convolution (PEFT cannot merge it either)"
-    if not is_conv and weight.is_floating_point() and len(logical_shape(weight)) != 2:
-        return f"base weight of shape {tuple(logical_shape(weight))}"
+    if not is_conv and len(weight_shape(weight, base)) != 2:
+        return f"base weight of shape {tuple(weight_shape(weight, base))}"
     active = [a for a in module.active_adapters if a in adapter_names(module)]
     variants = getattr(module, "lora_variant", {})
     for a in active:
@@ -196,7 +197,7 @@ def describe_skipped(skipped: dict[str, str], limit: int = 8) -> str:
 
 def _is_dense_layer(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    return is_matrix_layer(module) and isinstance(weight, torch.Tensor) and weight.is_floating_point()
+    return is_matrix_layer(module) and isinstance(weight, torch.Tensor) and not is_quantized(weight, module)
 
 
 def dense_layers(

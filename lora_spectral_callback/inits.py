@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import MonitoredMatrix, adapter_names, readable_name
+from .quantized import is_quantized
 from .sharding import module_is_sharded
 
 __all__ = [
@@ -70,7 +71,7 @@ def _moved_since_init(matrix: MonitoredMatrix, inits: dict[str, str]) -> str | N
     and LoRA-GA have no such invariant: those are trusted, as are quantized or sharded bases.
     """
     stored = matrix.stored_weight() if not module_is_sharded(matrix.module) else None
-    if stored is None or not matrix._base_param().is_floating_point():
+    if stored is None or is_quantized(matrix._base_param(), matrix._base_owner()):
         return None
     W = stored.detach().double()
     tol = 16 * torch.finfo(torch.float32).eps + torch.finfo(stored.dtype).eps / 2

@@ -13,7 +13,8 @@ of the linear map it applies (left singular vectors live in its output space):
   ``W0_flat + s * B_flat @ A_flat`` exactly, and DoRA's per-output-channel norm is a row norm of that matrix.
 - ``target_parameters`` (``ParamWrapper``) on a 2-D parameter: the parameter as stored, like ``nn.Linear.weight``
   (PEFT's own delta is ``B @ A`` in that layout); 3-D expert tensors are not supported.
-- Quantized bases (bitsandbytes 4/8-bit) are dequantized with PEFT's ``dequantize_module_weight``.
+- Quantized bases (bitsandbytes 4/8-bit, whatever the 4-bit storage dtype) are recognised by their quantization
+  state and dequantized (:mod:`.quantized`).
 - FSDP2 ``DTensor`` shards and DeepSpeed ZeRO-3 partitions are gathered when read (:func:`.sharding.full`, a
   collective).
 
@@ -42,7 +43,8 @@ from torch import Tensor, nn
 from .linalg import LowRankUpdatedMatrix
 from .merged import merged_operator, stack_factors
 from .metrics import effective_rank, low_rank_singular_values
-from .sharding import full, logical_shape, module_is_sharded
+from .quantized import dequantized, is_quantized, weight_shape
+from .sharding import full, module_is_sharded
 
 __all__ = ["CapturedMatrix", "MonitoredMatrix", "adapter_names", "readable_name", "unmerged_active_adapters"]
 
@@ -87,12 +89,10 @@ class MonitoredMatrix:
     def stored_weight(self) -> Tensor:
         """The base layer's weight as it is now, in (out, in) layout, dequantized if the base is quantized: the
         pretrained weight, or ``W_res`` after a base-rewriting init."""
-        from peft.utils.integrations import dequantize_module_weight
-
         if hasattr(self.module, "get_param"):  # target_parameters (ParamWrapper): a 2-D parameter, used as stored
             return full(self.module.get_param())
         base = self.module.get_base_layer()
-        W = full(base.weight) if base.weight.is_floating_point() else dequantize_module_weight(base)
+        W = dequantized(base) if is_quantized(base.weight, base) else full(base.weight)
         if self.is_embedding or getattr(self.module, "fan_in_fan_out", False):
             return W.T
         return W.flatten(1)  # a no-op for Linear; ConvNd kernels -> (out_channels, in_channels * kernel volume)
@@ -170,7 +170,7 @@ class MonitoredMatrix:
         """Replace the initial factors by ``state`` (as from :meth:`initial_state`, or
         :func:`initial_factors_from_adapter`), e.g. those recorded before training by an earlier run."""
         initial = {}
-        shape = logical_shape(self._base_param())
+        shape = weight_shape(self._base_param(), self._base_owner())
         rows = shape[1] if self.is_embedding or getattr(self.module, "fan_in_fan_out", False) else shape[0]
         for adapter in {key.rsplit(".", 1)[0] for key in state}:
             sB0, A0 = state[f"{adapter}.B"], state[f"{adapter}.A"]
@@ -185,6 +185,10 @@ class MonitoredMatrix:
         """The parameter the reference is read from, as stored (not gathered)."""
         return self.module.get_param() if hasattr(self.module, "get_param") else self.module.get_base_layer().weight
 
+    def _base_owner(self) -> nn.Module | None:
+        """The layer owning :meth:`_base_param` (where bitsandbytes keeps a 4-bit state a wrapper dropped)."""
+        return None if hasattr(self.module, "get_param") else self.module.get_base_layer()
+
     @torch.no_grad()
     def capture(self) -> CapturedMatrix:
         """A frozen copy of what a measurement reads, for measuring later (e.g. in a background thread).
@@ -198,14 +202,16 @@ class MonitoredMatrix:
         # which is harmless because a sharded model is measured right away (never in the background)
         own = (lambda t: t.detach()) if sharded else (lambda t: t.detach().clone())
         magnitude = self.dora_magnitude()
-        stored = self.stored_weight()
+        # the stored parameter says whether it is trainable: reading the weight would dequantize a quantized base
+        # (a pass over it on the training thread) only to find it frozen
+        copy_base = self._base_param().requires_grad or sharded
         return CapturedMatrix(
             self.name,
             self,
             [(own(B), own(A), s) for B, A, s in self.adapter_weights()]
             + [(sB0, A0, -1.0) for sB0, A0 in self.initial.values()],  # already private copies
             None if magnitude is None else own(magnitude),
-            own(self._reference(stored)) if stored.requires_grad or sharded else None,
+            own(self.base_weight()) if copy_base else None,
         )
 
 

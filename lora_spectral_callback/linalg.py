@@ -26,6 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .products import matmul as mm
+from .products import split_rounding
+
 __all__ = ["LowRankUpdatedMatrix", "TopSVD", "KrylovSpace", "top_singular_triplets", "exact_top_singular_triplets"]
 
 
@@ -62,9 +65,9 @@ class LowRankUpdatedMatrix:
 
     def matmul(self, X: Tensor) -> Tensor:
         """``M @ X`` for X of shape (n, p)."""
-        Y = self.W0 @ X
+        Y = mm(self.W0, X)
         if self.B is not None and self.A is not None:
-            Y = Y + self.B @ (self.A @ X)
+            Y = Y + mm(self.B, mm(self.A, X))
         return Y if self.row_scale is None else self.row_scale[:, None] * Y
 
     def rmatmul(self, Y: Tensor) -> Tensor:
@@ -73,16 +76,16 @@ class LowRankUpdatedMatrix:
             Y = self.row_scale[:, None] * Y
         X = self.base_rmatmul(Y)
         if self.B is not None and self.A is not None:
-            X = X + self.A.T @ (self.B.T @ Y)
+            X = X + mm(self.A.T, mm(self.B.T, Y))
         return X
 
     def base_rmatmul(self, Y: Tensor) -> Tensor:
         """``W0^T @ Y``, reading W0 row by row: 1.5-2x faster than ``W0.T @ Y`` on CPU for thin Y."""
-        return (Y.T @ self.W0).T
+        return mm(Y.T, self.W0).T
 
     def dense(self) -> Tensor:
         """The full matrix; only for small matrices and tests."""
-        M = self.W0 if self.B is None or self.A is None else self.W0 + self.B @ self.A
+        M = self.W0 if self.B is None or self.A is None else self.W0 + mm(self.B, self.A)
         return M if self.row_scale is None else self.row_scale[:, None] * M
 
 
@@ -138,28 +141,29 @@ def _rayleigh_ritz(Q: Tensor, Z: Tensor, MZ: Tensor) -> tuple[Tensor, Tensor, Te
     numbers, which costs accuracy only in the small Ritz values; the residuals, hence the error bounds, are
     computed from the products themselves and stay valid. Returns ``(Y, theta, U, residuals)``.
     """
-    theta, Y = torch.linalg.eigh(Z.T @ Z)
+    theta, Y = torch.linalg.eigh(mm(Z.T, Z))
     theta, Y = theta.flip(0).clamp_min(0), Y.flip(1)
-    U = Q @ Y
-    return Y, theta, U, MZ @ Y - U * theta
+    U = mm(Q, Y)
+    return Y, theta, U, mm(MZ, Y) - U * theta
 
 
 def _extend(Q: Tensor | None, X: Tensor, drop: float) -> Tensor:
     """Orthonormal basis of the part of ``X`` orthogonal to span(Q) (classical Gram-Schmidt twice, which is enough:
-    Giraud et al. 2005), leaving out directions below ``drop`` times the largest column of ``X``."""
-    scale = float(torch.linalg.vector_norm(X, dim=0).max()) if X.numel() else 0.0
+    Giraud et al. 2005), leaving out directions below ``drop`` times the largest column of ``X`` (the scale stays
+    on the device: the only host syncs are the SVD's and the one that sizes the kept block)."""
+    scale = torch.linalg.vector_norm(X, dim=0).amax() if X.numel() else X.new_zeros(())
     if Q is not None:
         for _ in range(2):
-            X = X - Q @ (Q.T @ X)
+            X = X - mm(Q, mm(Q.T, X))
     Qx, Rx = torch.linalg.qr(X, mode="reduced")
     Ur, s, _ = torch.linalg.svd(Rx)
-    X = Qx @ Ur[:, s > drop * scale]
+    X = mm(Qx, Ur[:, s > drop * scale])
     if Q is not None:  # dropped noise aside, one more pass keeps the basis orthogonal to working precision
-        X = X - Q @ (Q.T @ X)
+        X = X - mm(Q, mm(Q.T, X))
     return torch.linalg.qr(X, mode="reduced").Q
 
 
-def _ritz_vector_error(theta: Tensor, U: Tensor, R: Tensor, k: int, candidates: int = 16) -> Tensor:
+def _ritz_vector_error(theta: Tensor, U: Tensor, R: Tensor, k: int, rounding: float, candidates: int = 16) -> Tensor:
     """Bound on ``||u_ritz - u_true||`` (signs aligned) for each of the top-k Ritz left vectors ``U[:, :k]``.
 
     ``theta``: Ritz values of ``A = M M^T`` (descending); ``R``: the computed eigen-residuals
@@ -175,32 +179,35 @@ def _ritz_vector_error(theta: Tensor, U: Tensor, R: Tensor, k: int, candidates: 
     Rounding makes the computed ``U`` only nearly diagonalize ``U^T A U``; its off-diagonal part ``C = U^T R``
     (which the computed residuals contain) turns a vector towards its neighbours by at most
     ``||C e_i|| / (delta_i - ||C||_2)`` (Davis-Kahan on the small matrix, Weyl for its gap), which is added: it
-    matters only for near-equal Ritz values. The sine is turned into the chord ``||u - u_ritz|| = 2 sin(angle/2)``,
-    which bounds the change of any cosine with a fixed unit vector, and a rounding allowance of ``8 sqrt(m) eps``
-    is added. (The spectrum of ``A`` beyond the sub-block is assumed below the next Ritz value ``theta_{j+1}``: the
+    matters only for near-equal Ritz values (``||C||_F >= ||C||_2`` stands in for it: larger, so the bound stays
+    valid, and no SVD). The sine is turned into the chord ``||u - u_ritz|| = 2 sin(angle/2)``, which bounds the
+    change of any cosine with a fixed unit vector, and the ``rounding`` allowance (:func:`_rounding`) is added. (The spectrum of ``A`` beyond the sub-block is assumed below the next Ritz value ``theta_{j+1}``: the
     search space is assumed not to have missed an eigenvalue above it, as in all Krylov error estimates.)
     """
     dtype, tiny = theta.dtype, torch.finfo(theta.dtype).tiny
     last = theta.numel() - 1  # sub-block sizes j in [k, last]: theta[j] is the next value beyond the sub-block
     if last < k:
         return torch.full((k,), 2**0.5, dtype=dtype, device=theta.device)
-    j = torch.unique(torch.linspace(k, last, min(candidates, last - k + 1), device=theta.device).round().long())
-    G = R[:, :last].T @ R[:, :last]
+    # steps >= 1 apart, so rounding keeps them distinct (torch.unique would cost a host sync)
+    j = torch.linspace(k, last, min(candidates, last - k + 1), device=theta.device).round().long()
+    G = mm(R[:, :last].T, R[:, :last])
     inside = (torch.arange(last, device=theta.device)[None, :] < j[:, None]).to(dtype)
     gamma = torch.linalg.eigvalsh(G * inside[:, :, None] * inside[:, None, :])[:, -1].clamp_min(0).sqrt()[:, None]
     gaps = (theta[:, None] - theta[None, :]).abs()
     gaps.fill_diagonal_(float("inf"))
     delta = gaps.min(dim=1).values.clamp_min(tiny)[:k]
     outside = (theta[None, :k] - theta[j][:, None]).clamp_min(tiny)  # (sub-blocks, k)
-    C = U.T @ R
-    mixing = torch.linalg.vector_norm(C[:, :k], dim=0) / (delta - torch.linalg.matrix_norm(C, ord=2)).clamp_min(tiny)
+    C = mm(U.T, R)
+    mixing = torch.linalg.vector_norm(C[:, :k], dim=0) / (delta - torch.linalg.matrix_norm(C)).clamp_min(tiny)
     sine = ((gamma / outside * torch.sqrt(1 + (gamma / delta) ** 2)).amin(dim=0) + mixing).clamp(max=1.0)
-    return sine * torch.sqrt(2 / (1 + torch.sqrt(1 - sine**2))) + _rounding(R.shape[0], dtype)
+    return sine * torch.sqrt(2 / (1 + torch.sqrt(1 - sine**2))) + rounding
 
 
-def _rounding(m: int, dtype: torch.dtype) -> float:
-    """Allowance for rounding in a computed unit m-vector; also the finest accuracy a solve can promise."""
-    return 8 * m**0.5 * torch.finfo(dtype).eps
+def _rounding(m: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Allowance for rounding in a computed unit m-vector; also the finest accuracy a solve can promise:
+    ``8 sqrt(m) (eps + s)``, with ``s`` what split float32 products add per unit-vector product where training set
+    TF32/bfloat16 matmuls (:func:`.products.split_rounding`, 2^-18; 0 with IEEE products)."""
+    return 8 * m**0.5 * (torch.finfo(dtype).eps + split_rounding(device, dtype))
 
 
 class _Space:
@@ -222,14 +229,14 @@ class _Space:
     def W0At(self) -> Tensor:
         if self._W0At is None:
             assert self.M.A is not None
-            self._W0At = self.M.W0 @ self.M.A.T
+            self._W0At = mm(self.M.W0, self.M.A.T)
         return self._W0At
 
     def M_At(self) -> Tensor:
         """``M A^T``: the update's row space mapped by ``M``, where the update-dominated top vectors lie."""
         M = self.M
         assert M.B is not None and M.A is not None
-        return self.W0At + M.B @ (M.A @ M.A.T) if self.split else M.matmul(M.A.T)
+        return self.W0At + mm(M.B, mm(M.A, M.A.T)) if self.split else M.matmul(M.A.T)
 
     def add(self, Q: Tensor, W0tQ: Tensor | None = None, W0W0tQ: Tensor | None = None) -> None:
         """Append orthonormal columns ``Q`` (orthogonal to the space), given their W0 products if known."""
@@ -240,14 +247,14 @@ class _Space:
             return
         if W0tQ is None:
             W0tQ = M.base_rmatmul(Q)
-        BtQ = None if B is None else B.T @ Q
-        Z = W0tQ if BtQ is None or A is None else W0tQ + A.T @ BtQ
+        BtQ = None if B is None else mm(B.T, Q)
+        Z = W0tQ if BtQ is None or A is None else W0tQ + mm(A.T, BtQ)
         if W0W0tQ is None:
-            W0Z = M.W0 @ Z  # = W0 W0^T Q + W0 A^T B^T Q
-            W0W0tQ = W0Z if BtQ is None else W0Z - self.W0At @ BtQ
+            W0Z = mm(M.W0, Z)  # = W0 W0^T Q + W0 A^T B^T Q
+            W0W0tQ = W0Z if BtQ is None else W0Z - mm(self.W0At, BtQ)
         else:
-            W0Z = W0W0tQ if BtQ is None else W0W0tQ + self.W0At @ BtQ
-        MZ = W0Z if B is None or A is None else W0Z + B @ (A @ Z)
+            W0Z = W0W0tQ if BtQ is None else W0W0tQ + mm(self.W0At, BtQ)
+        MZ = W0Z if B is None or A is None else W0Z + mm(B, mm(A, Z))
         self._append(Q, Z, MZ, W0tQ, W0W0tQ)
 
     def _append(
@@ -259,15 +266,15 @@ class _Space:
 
     def rotate(self, Y: Tensor) -> None:
         """Replace the space by ``Q Y`` (orthonormal ``Y``); every product follows linearly, at no pass over W0."""
-        self.Q, self.Z, self.MZ = self.Q @ Y, self.Z @ Y, self.MZ @ Y
+        self.Q, self.Z, self.MZ = mm(self.Q, Y), mm(self.Z, Y), mm(self.MZ, Y)
         if self.split:
-            self.W0tQ, self.W0W0tQ = self.W0tQ @ Y, self.W0W0tQ @ Y
+            self.W0tQ, self.W0W0tQ = mm(self.W0tQ, Y), mm(self.W0W0tQ, Y)
 
     def handover(self, Y: Tensor, checksum: float | None) -> KrylovSpace:
         """The subspace ``Q Y``, with its W0 products when they were kept, for the next solve."""
         if not self.split:
-            return KrylovSpace(self.Q @ Y)
-        return KrylovSpace(self.Q @ Y, self.W0tQ @ Y, self.W0W0tQ @ Y, checksum)
+            return KrylovSpace(mm(self.Q, Y))
+        return KrylovSpace(mm(self.Q, Y), mm(self.W0tQ, Y), mm(self.W0W0tQ, Y), checksum)
 
 
 def _checksum(W0: Tensor) -> float:
@@ -318,8 +325,8 @@ def top_singular_triplets(
     max_block = max(min(max_block or 8 * (k + oversample), m, n), p + k)
     width = k + oversample // 2  # new directions per step
     drop = torch.finfo(M.W0.dtype).eps ** 0.5
-    floor = _rounding(m, M.W0.dtype)
-    best, stalled = float("inf"), 0
+    floor = _rounding(m, M.W0.dtype, M.W0.device)
+    best, stalled, worst = float("inf"), 0, float("inf")
     space = _Space(M)
     checksum = _checksum(M.W0) if space.split else None
     if (
@@ -330,8 +337,11 @@ def top_singular_triplets(
         and start.checksum == checksum
     ):
         Q, Rq = torch.linalg.qr(start.Q, mode="reduced")  # orthonormal again to working precision, products alike
-        solve = torch.linalg.solve_triangular
-        space.add(Q, solve(Rq, start.W0tQ, upper=True, left=False), solve(Rq, start.W0W0tQ, upper=True, left=False))
+
+        def solve(X: Tensor) -> Tensor:  # X Rq^-1 in float64: a float32 triangular solve may run in TF32 (cuBLAS)
+            return torch.linalg.solve_triangular(Rq.double(), X.double(), upper=True, left=False).to(X.dtype)
+
+        space.add(Q, solve(start.W0tQ), solve(start.W0W0tQ))
     else:
         cols = [] if start is None else [(start.Q if isinstance(start, KrylovSpace) else start)[:, :p]]
         if M.B is not None and M.A is not None:
@@ -342,15 +352,17 @@ def top_singular_triplets(
         space.add(_extend(None, torch.cat(cols, dim=1), drop))
     for it in range(1, max_iter + 1):
         Y, theta, U, R = _rayleigh_ritz(space.Q, space.Z, space.MZ)
-        error = _ritz_vector_error(theta, U, R, k)
+        error = _ritz_vector_error(theta, U, R, k, floor)
         Uk = U[:, :k]
-        unsettled = error > tol
-        if not bool(unsettled.any()) and needed_accuracy is not None:  # only then is the margin worth computing
+        # the largest unsettled bound (error > 0: 0 means all settled) is the one host sync deciding a step
+        worst = float(error.where(error > tol, 0).amax())
+        if worst == 0 and needed_accuracy is not None:  # only then is the margin worth computing
             needed = needed_accuracy(Uk)
-            unsettled = (error > needed) & (needed > floor)  # below the floor no solve in this precision decides
-        if not bool(unsettled.any()) or it == max_iter:
+            # below the floor no solve in this precision decides
+            worst = float(error.where((error > needed) & (needed > floor), 0).amax())
+        if worst == 0 or it == max_iter:
             break
-        worst = float(error[unsettled].max())  # only an informative bound counts: far off it sits at its cap
+        # only an informative bound counts: far off it sits at its cap
         best, stalled = (worst, 0) if worst < 0.9 * best else (best, stalled + (worst < 1.0))
         if stalled >= stall_patience:
             break
@@ -366,11 +378,11 @@ def top_singular_triplets(
         if Qn.shape[1] == 0:  # the space is invariant to working precision: nothing left to learn
             break
         space.add(Qn)
-    V = space.Z @ Y[:, :k]  # M^T u = sigma v
+    V = mm(space.Z, Y[:, :k])  # M^T u = sigma v
     V = V / torch.linalg.vector_norm(V, dim=0).clamp_min(torch.finfo(V.dtype).tiny)
     keep = min(p + p // 2, Y.shape[1])  # wider than the start block: fewer steps on crowded spectra
     handover = space.handover(Y[:, :keep], checksum)
-    return TopSVD(Uk, theta[:k].sqrt(), V, error, it, not bool(unsettled.any()), handover)
+    return TopSVD(Uk, theta[:k].sqrt(), V, error, it, worst == 0, handover)
 
 
 def _gaussian(M: LowRankUpdatedMatrix, columns: int, generator: torch.Generator | None) -> Tensor:

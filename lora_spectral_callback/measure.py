@@ -33,6 +33,7 @@ from .metrics import (
     max_abs_cosine,
     pretrained_basis_and_spectrum,
 )
+from .products import split_rounding
 from .ranks import GatherFailed
 from .report import LayerReport, SpectralReport, eps_key
 from .snapshot import LayerState
@@ -116,7 +117,7 @@ def decompose(
     if op.W0 is not W0 and not all_finite(op.W0):  # a dense merged weight (full fine-tuning)
         raise NonFinite("fine-tuned weight contains NaN or Inf")
 
-    slack = basis_rounding_error(basis.dtype)
+    slack = basis_rounding_error(basis.dtype) + split_rounding(W0.device, W0.dtype)  # + TF32's share
     epsilons = torch.tensor(config.epsilons, dtype=W0.dtype, device=W0.device)
 
     def distance(max_cos: Tensor) -> Tensor:  # how far each cosine may move before a count flips

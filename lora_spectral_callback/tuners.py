@@ -32,6 +32,7 @@ from .layers import MonitoredMatrix, unmerged_active_adapters
 from .layout import is_matrix_layer, weight_matrix
 from .linalg import LowRankUpdatedMatrix
 from .metrics import effective_rank
+from .quantized import is_quantized
 from .sharding import full, module_is_sharded
 
 __all__ = ["AdaLoraMatrix", "VeraMatrix", "LoHaMatrix", "MergedMatrix", "tuner_matrix", "merged_weight"]
@@ -145,7 +146,7 @@ def tuner_matrix(name: str, module: Any) -> tuple[MonitoredMatrix | MergedMatrix
     factored = next((matrix for layer, matrix in low_rank if isinstance(module, layer)), None)
     if factored is not None and not getattr(module, "hada_t1", None):  # LoHa's CP conv kernel is not factored
         return factored(name, module), None
-    if not base.weight.is_floating_point():
+    if is_quantized(base.weight, base):
         return None, f"{tuner} layer {kind} on a quantized base (its dense fallback merges a float64 copy)"
     if not callable(getattr(module, "merge", None)):
         return None, f"{tuner} layer {kind} cannot be merged"
