@@ -112,22 +112,14 @@ def recount_run(mode: str, pretrained, final_state: dict, callback, epsilon) -> 
 def reference_spectra(base_weights: dict[str, torch.Tensor], merged_weights: dict[str, torch.Tensor], k=10):
     """Float64 full SVDs, once per matrix (no package code): ``{name: (max_cos, sigma, pretrained_sigma1)}``, the
     max |cos| of each top-k left singular vector of the merged weight against every pretrained one and the top-k
-    singular values. For large models, where the SVDs are the slow part of a test: see ``counts_from_spectra``
-    and ``signals_from_spectra``."""
+    singular values: an intruder at epsilon is a ``max_cos`` below it. For large models, where the SVDs are the slow
+    part of a test, once for both counts and ``signals_from_spectra``."""
     spectra = {}
     for name, W in merged_weights.items():
         U0, S0, _ = torch.linalg.svd(base_weights[name].double(), full_matrices=False)
         U, S, _ = torch.linalg.svd(W.double(), full_matrices=False)
         spectra[name] = ((U0.T @ U[:, :k]).abs().max(dim=0).values.tolist(), S[:k].tolist(), S0[0].item())
     return spectra
-
-
-def counts_from_spectra(spectra: dict, epsilon) -> tuple[dict, dict]:
-    """``reference_counts``'s ``({epsilon: total}, {name: count at epsilon[0]})`` from ``reference_spectra``."""
-    eps = list(epsilon)
-    per_layer = {name: sum(c < eps[0] for c in cos) for name, (cos, _, _) in spectra.items()}
-    totals = {e: sum(c < e for cos, _, _ in spectra.values() for c in cos) for e in eps}
-    return totals, per_layer
 
 
 def reference_signals(base_weights: dict[str, torch.Tensor], merged_weights: dict[str, torch.Tensor], epsilon, k=10):

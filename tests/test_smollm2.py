@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import counts_from_spectra, reference_counts, reference_spectra, signals_from_spectra
+from helpers import reference_spectra, signals_from_spectra
 
 from lora_spectral_callback import LoRASpectralCallback
 from lora_spectral_callback.cli import main as cli_main
@@ -92,21 +92,31 @@ def peft_weights(model, merge: bool) -> tuple[dict, dict]:
     return base, {n: merged_model[n].weight.detach() for n in layers}
 
 
-def assert_equal_to_recount(report, base: dict, merged: dict) -> None:
-    """Counts equal a float64 recount (exactly, per layer and in total); energy share and sigma ratio match it.
-    A failure names each differing layer with its max |cos| and ``uncertain``, so a near-threshold case shows."""
-    spectra = reference_spectra(base, merged)  # the slow part: 2 float64 SVDs per matrix, once
-    totals, per_layer = counts_from_spectra(spectra, EPS)
-    ours = {n: r.intruders for n, r in report.layers.items()}
+def assert_counts_equal(report, spectra: dict) -> None:
+    """Every layer's count at every epsilon equals the float64 recount's, exactly; a failure names each differing
+    layer with both max |cos| lists and ``uncertain``, so a decision near a threshold shows as one."""
+    expected = {n: {f"{e:g}": sum(c < e for c in cos) for e in EPS} for n, (cos, _, _) in spectra.items()}
+    assert set(report.layers) == set(expected)
     differing = {
-        n: (ours.get(n), c, report.layers[n].max_cos, report.layers[n].uncertain)
-        for n, c in per_layer.items()
-        if ours.get(n) != c
+        n: {
+            "ours": r.intruders_by_epsilon,
+            "float64": expected[n],
+            "our max_cos": r.max_cos,
+            "float64 max_cos": spectra[n][0],
+            "uncertain": r.uncertain,
+        }
+        for n, r in report.layers.items()
+        if r.intruders_by_epsilon != expected[n]
     }
-    assert not differing, f"(ours, float64, our max_cos, uncertain) per differing layer: {differing}"
-    assert set(ours) == set(per_layer)
-    assert report.intruders_total_by_epsilon == {f"{e:g}": totals[e] for e in EPS}
+    assert not differing, f"counts differ from the float64 recount: {differing}"
+    assert report.intruders_total_by_epsilon == {f"{e:g}": sum(c[f"{e:g}"] for c in expected.values()) for e in EPS}
     assert report.errors == {}
+
+
+def assert_equal_to_recount(report, base: dict, merged: dict) -> None:
+    """Counts equal a float64 recount (``assert_counts_equal``); energy share and sigma ratio match it."""
+    spectra = reference_spectra(base, merged)  # the slow part: 2 float64 SVDs per matrix, once
+    assert_counts_equal(report, spectra)
     signals, (share, ratio, first) = signals_from_spectra(spectra, EPS[0])
     for name, (layer_share, layer_ratio, layer_first) in signals.items():
         layer = report.layers[name]
@@ -183,8 +193,5 @@ def test_full_finetuning_of_two_layers_equals_float64_recount(smollm2, tmp_path)
     report = callback.last_report
     assert sorted(report.layers) == sorted(names) and len(names) == 14
     current = {n: model.get_submodule(n).weight.detach() for n in names}
-    totals, per_layer = reference_counts(pretrained, current, EPS)
-    assert {n: r.intruders for n, r in report.layers.items()} == per_layer
-    assert report.intruders_total_by_epsilon == {f"{e:g}": totals[e] for e in EPS}
-    assert report.errors == {}
-    assert any(c > 0 for c in totals.values())
+    assert_counts_equal(report, reference_spectra(pretrained, current))
+    assert report.intruders_total_by_epsilon["0.7"] > 0
