@@ -196,7 +196,7 @@ def main() -> None:
         off, on = runs["off"], runs["on"]
         overheads.append(100 * (on["wall"] / off["wall"] - 1))
         shares.append(100 * on["inside"] / off["wall"])
-        rows.append((pair + 1, "-".join(order), off["wall"], on["wall"], overheads[-1], on["inside"], on["intruders"]))
+        rows.append((pair + 1, "-".join(order), off["wall"], on["wall"], overheads[-1], on, on["intruders"]))
         print(
             f"pair {pair + 1} ({' then '.join(order)}): without {off['wall']:.1f} s, with {on['wall']:.1f} s "
             f"({overheads[-1]:+.1f}%), inside the callback {on['inside']:.2f} s, "
@@ -208,10 +208,13 @@ def main() -> None:
         f"every_n_steps=50, asynchronous={args.asynchronous}, {on['layers']} monitored matrices, "
         f"{args.pairs} pairs of fresh processes\n"
     )
-    print("| pair | order | without s | with s | overhead | inside callback s | final intruders |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for pair, order, off_wall, on_wall, overhead, inside, intruders in rows:
-        print(f"| {pair} | {order} | {off_wall:.1f} | {on_wall:.1f} | {overhead:+.1f}% | {inside:.2f} | {intruders} |")
+    print("| pair | order | without s | with s | overhead | inside callback s | last measurement s | final intruders |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for pair, order, off_wall, on_wall, overhead, on_run, intruders in rows:
+        print(
+            f"| {pair} | {order} | {off_wall:.1f} | {on_wall:.1f} | {overhead:+.1f}% | {on_run['inside']:.2f} "
+            f"| {on_run['last_measurement']:.2f} | {intruders} |"
+        )
     q = statistics.quantiles(overheads, n=4, method="inclusive") if len(overheads) > 1 else [overheads[0]] * 3
     print(
         f"\nwall-time overhead: median {statistics.median(overheads):+.1f}%, min {min(overheads):+.1f}%, "
