@@ -1,4 +1,5 @@
-"""Monitoring cost at real LLM shapes: a Llama-3-8B-shaped model, LoRA on every linear layer.
+"""Monitoring cost at real LLM shapes: a Llama-3-8B-shaped model (or the real SmolLM2-135M), LoRA on every linear
+layer.
 
 A model from ``transformers.LlamaConfig`` with Llama-3-8B's layer shapes (hidden 4096, intermediate 14336, 32 query
 heads, 8 KV heads: q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, down 4096x14336) but only ``--layers``
@@ -16,17 +17,23 @@ is harder for the solver than the heavy-tailed spectra of trained weights. Each 
 random factors whose update has singular values ``--update-scale`` x sigma_1(W0) / i, i = 1..16 (the low effective
 rank of trained LoRA updates), so the merged top-10 mixes a few update directions with pretrained ones.
 
+``--model smollm2`` measures the real SmolLM2-135M-Instruct instead (examples/smollm2_model.py: 30 layers, hidden
+576, intermediate 1536, 9 query and 3 KV heads, float32, its trained weights), with the same adapters, and prints
+the totals over its 210 matrices instead of the extrapolation.
+
 The default step time, 3 s, is a Llama-3-8B LoRA step on one H100: 16 sequences x 2048 tokens per optimizer step,
 ~4 x 8e9 FLOP per token (forward plus activation gradients; frozen weights need no weight gradients) = 1.0e15 FLOP,
 at ~400 TFLOP/s (40% of bf16 peak) = 2.6 s, plus gradient checkpointing's recomputed forward ~ 3 s.
 
     python benchmarks/bench_llama.py --threads 2                 # one layer on CPU, ~5-10 min
     python benchmarks/bench_llama.py --layers 2 --device cuda    # on a GPU
+    python benchmarks/bench_llama.py --model smollm2 --threads 2 # SmolLM2-135M, all 210 matrices, ~1 min
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -58,6 +65,17 @@ def llama_lora(layers: int, device: str, seed: int):
     model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)  # type: ignore[call-arg]
     lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(KINDS), lora_dropout=0.0)
     return get_peft_model(model, lora)
+
+
+def smollm2_lora(device: str):
+    """The real SmolLM2-135M-Instruct with the example's LoRA (r=16 on the same seven kinds)."""
+    from peft import get_peft_model
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    import sft_smollm2 as sft
+
+    model = sft.load_model(str(sft.smollm2_path())).to(device)
+    return get_peft_model(model, sft.lora_config(RANK))
 
 
 def lora_layers(model) -> dict[str, Any]:
@@ -115,6 +133,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["llama", "smollm2"], default="llama")
     parser.add_argument("--layers", type=int, default=1, help="decoder layers to build (Llama-3-8B has 32)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
@@ -129,9 +148,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
     print("$ python " + " ".join(sys.argv))
-    print(f"torch {torch.__version__}, {where}, {args.layers} Llama-3-8B-shaped layer(s), LoRA r={RANK}", flush=True)
-
-    model = llama_lora(args.layers, args.device, args.seed)
+    if args.model == "smollm2":
+        model = smollm2_lora(args.device)
+        args.layers = model.config.num_hidden_layers
+        what = f"SmolLM2-135M-Instruct ({args.layers} layers)"
+    else:
+        model = llama_lora(args.layers, args.device, args.seed)
+        what = f"{args.layers} Llama-3-8B-shaped layer(s)"
+    print(f"torch {torch.__version__}, {where}, {what}, LoRA r={RANK}", flush=True)
     options = {"epsilon": [0.3, 0.5, 0.7], "progress": False, "basis_device": args.basis_device or args.device}
     monitors = {kind: SpectralMonitor(model, include=rf"\.{kind}$", **options) for kind in KINDS}
     shapes = {kind_of(name): tuple(layer.get_base_layer().weight.shape) for name, layer in lora_layers(model).items()}
@@ -175,6 +199,11 @@ def main() -> None:
         f"| **one layer** | | **{total['snapshot_s']:.1f}** | **{total['bytes'] / 2**20:.0f}** "
         f"| **{total['cold_s']:.2f}** | **{total['warm_s']:.2f}** | | |"
     )
+    if args.model == "smollm2":
+        n = args.layers
+        print(f"\nAll {n} layers ({n * len(KINDS)} matrices): snapshot {n * total['snapshot_s']:.1f} s, ", end="")
+        print(f"measurement cold {n * total['cold_s']:.2f} s, warm {n * total['warm_s']:.2f} s")
+        return
     n = LLAMA3_8B_LAYERS
     per_measure = n * total["warm_s"]
     overhead = per_measure / (args.every * args.step_seconds)

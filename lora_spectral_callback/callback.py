@@ -188,6 +188,7 @@ class LoRASpectralCallback(TrainerCallback):
         self._baseline_fingerprint: str | None = None
         self._measurements = 0
         self._stop_requested = False
+        self._incomplete = False  # the last measurement left layers pending: train end measures again
 
     # -- Trainer events --------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -234,7 +235,7 @@ class LoRASpectralCallback(TrainerCallback):
         if monitor is not None and (state.is_world_process_zero or monitor.collective):
             # the final numbers cover every layer, and no snapshot thread outlives training
             self.guard("snapshot", monitor.snapshot)
-        if monitor is not None and state.global_step > self.last_measured_step:
+        if monitor is not None and (state.global_step > self.last_measured_step or self._incomplete):
             self._measure_and_act(args, state, control, final=True)
         if self.writer is not None:
             self.writer.close()
@@ -245,18 +246,20 @@ class LoRASpectralCallback(TrainerCallback):
         """Measure on the main process, record, and make every rank agree on whether to stop."""
         monitor, background, step = self._live_monitor, self._background, state.global_step
         self.last_measured_step = step
-        stop = False
+        stop = pending = False
         if state.is_world_process_zero and background is not None and not final:
             self.guard("measurement", lambda: background.submit(step))
         elif state.is_world_process_zero or monitor.collective:  # every rank takes part in a collective measurement
             report = self.guard("measurement", lambda: monitor.measure(step))
             if isinstance(report, SpectralReport):
                 stop = self._handle(args, state, control, report, final)
+                pending = bool(report.pending)
             if report is not FAILED:  # a collective failure fails on every rank, so all skip the pictures alike
                 drawn = report if isinstance(report, SpectralReport) else None  # None: a rank other than the main
                 self._write_pictures(drawn, step, final or step >= state.max_steps > 0)
         if not final:
             self._stop_requested = any_rank(stop) or self._stop_requested
+            self._incomplete = any_rank(pending)  # every rank then joins the final measurement alike
 
     def _deliver(self, args, state: TrainerState, control: TrainerControl, wait: bool) -> None:
         """Asynchronous mode: record and act on a finished background measurement. Every rank calls this at
@@ -326,7 +329,12 @@ class LoRASpectralCallback(TrainerCallback):
         monitor = self._live_monitor
         if not due or (report is None and not monitor.split):
             return
-        names = None if report is None else figure_layers(report, self.image_layers)
+        # a layer reported exactly before its snapshot (zero update, background snapshot) has nothing to draw
+        names = (
+            None
+            if report is None
+            else [n for n in figure_layers(report, self.image_layers) if report.layers[n].singular_values]
+        )
         spectra = self.guard("TensorBoard pictures", lambda: monitor.spectra(names))
         if isinstance(spectra, dict) and report is not None and self.writer is not None:
             self.writer.write_figures(report, spectra, step)

@@ -109,20 +109,34 @@ def recount_run(mode: str, pretrained, final_state: dict, callback, epsilon) -> 
     }
 
 
-def reference_signals(base_weights: dict[str, torch.Tensor], merged_weights: dict[str, torch.Tensor], epsilon, k=10):
-    """The non-saturating signals recomputed by hand from float64 full SVDs (no package code):
-    ``{name: (energy_share, sigma_ratio, first_intruder)}`` and the model-wide ``(share, ratio, first)``."""
-    per_layer = {}
+def reference_spectra(base_weights: dict[str, torch.Tensor], merged_weights: dict[str, torch.Tensor], k=10):
+    """Float64 full SVDs, once per matrix (no package code): ``{name: (max_cos, sigma, pretrained_sigma1)}``, the
+    max |cos| of each top-k left singular vector of the merged weight against every pretrained one and the top-k
+    singular values: an intruder at epsilon is a ``max_cos`` below it. For large models, where the SVDs are the slow
+    part of a test, once for both counts and ``signals_from_spectra``."""
+    spectra = {}
     for name, W in merged_weights.items():
         U0, S0, _ = torch.linalg.svd(base_weights[name].double(), full_matrices=False)
         U, S, _ = torch.linalg.svd(W.double(), full_matrices=False)
-        cos = (U0.T @ U[:, :k]).abs().max(dim=0).values.tolist()
-        sigma = S[:k].tolist()
+        spectra[name] = ((U0.T @ U[:, :k]).abs().max(dim=0).values.tolist(), S[:k].tolist(), S0[0].item())
+    return spectra
+
+
+def reference_signals(base_weights: dict[str, torch.Tensor], merged_weights: dict[str, torch.Tensor], epsilon, k=10):
+    """The non-saturating signals recomputed by hand from float64 full SVDs (no package code):
+    ``{name: (energy_share, sigma_ratio, first_intruder)}`` and the model-wide ``(share, ratio, first)``."""
+    return signals_from_spectra(reference_spectra(base_weights, merged_weights, k), epsilon)
+
+
+def signals_from_spectra(spectra: dict, epsilon):
+    """``reference_signals``'s result from ``reference_spectra``."""
+    per_layer = {}
+    for name, (cos, sigma, sigma1) in spectra.items():
         hits = [i for i in range(len(sigma)) if cos[i] < epsilon]
         energy, hit_energy = sum(s * s for s in sigma), sum(sigma[i] ** 2 for i in hits)
         per_layer[name] = (
             hit_energy / energy,
-            max((sigma[i] for i in hits), default=0.0) / S0[0].item(),
+            max((sigma[i] for i in hits), default=0.0) / sigma1,
             hits[0] + 1 if hits else len(sigma) + 1,
         )
     values = per_layer.values()

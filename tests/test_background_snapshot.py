@@ -127,3 +127,36 @@ def test_trainer_runs_while_the_snapshot_is_held(tmp_path, held_snapshot):
     totals, per_layer = reference_counts(pretrained, weights(model)[1], EPS)
     assert {n: r.intruders for n, r in final.layers.items()} == per_layer
     assert {float(e): n for e, n in final.intruders_total_by_epsilon.items()} == totals
+
+
+def test_final_report_and_pictures_cover_every_layer_when_the_snapshot_ends_last(tmp_path, held_snapshot):
+    """The last step's measurement ran before the snapshot finished: train end measures again, so the final report
+    covers every layer; at step 0 the layers reported exactly without a basis are left out of the pictures."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = lora_bert(random_update=False)  # B = 0 at step 0: every layer reported exactly, nothing to draw
+    pretrained = {n: W.clone() for n, W in weights(model)[0].items()}
+    callback = LoRASpectralCallback(
+        every_n_steps=2,
+        epsilon=EPS,
+        snapshot="background",
+        image_every_n_measurements=1,
+        image_layers=-1,
+        log_dir=str(tmp_path / "tb"),
+        progress=False,
+        strict=True,  # a failing picture would raise
+    )
+    release = ReleaseAt(held_snapshot, 4)  # after our measurement of the last step
+    trainer = make_trainer(tmp_path / "out", model, [callback, release], max_steps=4)
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "spectral/intruders_total" in h]
+    at_4 = [h for h in history if h["step"] == 4]
+    assert at_4[0]["spectral/pending"] == 4 and "spectral/pending" not in at_4[-1]
+    final = callback.last_report
+    assert final.step == 4 and final.pending == [] and final.errors == {}
+    totals, per_layer = reference_counts(pretrained, weights(model)[1], EPS)
+    assert {n: r.intruders for n, r in final.layers.items()} == per_layer
+    images = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    images.Reload()
+    drawn = {tag.removeprefix("spectral/cosine/") for tag in images.Tags()["images"] if "/cosine/" in tag}
+    assert drawn == set(per_layer)
