@@ -16,7 +16,7 @@ import sys
 import deepspeed
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dist_common import EPS, full_phase, lora_tiny_bert, measured_phase, record_measurements
+from dist_common import full_phase, lora_tiny_bert, measured_phase, record_measurements, stop_rule_callback
 from helpers import RandomTokens
 from training import make_trainer
 
@@ -75,12 +75,9 @@ def train(model, callback, steps, lr, name, stage=3):
 
 def lora_phase(stage=3):
     pretrained = lora_tiny_bert()
-    callback = Counting(
-        every_n_steps=2,
-        max_intruders=0,
-        epsilon=EPS,
-        log_dir=os.path.join(out, f"tb-zero{stage}"),
-        progress=False,
+    callback = stop_rule_callback(
+        Counting,
+        os.path.join(out, f"tb-zero{stage}"),
         strict=True,
         asynchronous=stage == 3,
     )

@@ -17,6 +17,12 @@ def lora_tiny_bert():
     return get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
 
 
+def stop_rule_callback(callback_class, log_dir: str, **options):
+    """The callback every 2-process LoRA run uses: measured every 2 steps, a stop as soon as any intruder appears,
+    TensorBoard in ``log_dir``; ``options`` add to it."""
+    return callback_class(every_n_steps=2, max_intruders=0, epsilon=EPS, log_dir=log_dir, progress=False, **options)
+
+
 def record_measurements(monitor, measured: list) -> None:
     """Append ``(step, returned a report)`` to ``measured`` at every measurement on this rank (rank 0 alone
     should get the reports)."""

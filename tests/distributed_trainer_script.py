@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dist_common import EPS, lora_tiny_bert, record_measurements
+from dist_common import EPS, lora_tiny_bert, record_measurements, stop_rule_callback
 from helpers import RandomTokens, recount_run
 from training import make_trainer
 
@@ -35,14 +35,8 @@ class Counting(LoRASpectralCallback):
         return super().on_train_begin(args, state, control, **kwargs)
 
 
-callback = Counting(
-    every_n_steps=2,
-    max_intruders=0,
-    epsilon=EPS,
-    log_dir=os.path.join(out, "tb"),
-    progress=False,
-    image_every_n_measurements=1,  # pictures of every layer, whichever rank measured it
-    image_layers=-1,
+callback = stop_rule_callback(  # with pictures of every layer, whichever rank measured it
+    Counting, os.path.join(out, "tb"), image_every_n_measurements=1, image_layers=-1
 )
 trainer = make_trainer(
     os.path.join(out, "out"),

@@ -19,7 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import TrainerControl, TrainerState
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dist_common import EPS, full_phase, lora_tiny_bert, measured_phase, record_measurements
+from dist_common import full_phase, lora_tiny_bert, measured_phase, record_measurements, stop_rule_callback
 from helpers import RandomTokens, tiny_bert
 
 from lora_spectral_callback import LoRASpectralCallback
@@ -70,12 +70,9 @@ def gathered_state(model):
 
 def lora_phase():
     pretrained = lora_tiny_bert()
-    callback = LoRASpectralCallback(
-        every_n_steps=2,
-        max_intruders=0,
-        epsilon=EPS,
-        log_dir=os.path.join(out, "tb"),
-        progress=False,
+    callback = stop_rule_callback(
+        LoRASpectralCallback,
+        os.path.join(out, "tb"),
         strict=True,
         asynchronous=True,
         forgetting_proxy=lambda model: {"drift": 0.0},

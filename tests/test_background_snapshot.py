@@ -156,6 +156,7 @@ def test_final_report_and_pictures_cover_every_layer_when_the_snapshot_ends_last
     assert final.step == 4 and final.pending == [] and final.errors == {}
     totals, per_layer = reference_counts(pretrained, weights(model)[1], EPS)
     assert {n: r.intruders for n, r in final.layers.items()} == per_layer
+    assert {float(e): n for e, n in final.intruders_total_by_epsilon.items()} == totals
     images = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
     images.Reload()
     drawn = {tag.removeprefix("spectral/cosine/") for tag in images.Tags()["images"] if "/cosine/" in tag}
