@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 from types import FrameType
@@ -20,26 +19,15 @@ from .figures import figure_layers, require_matplotlib
 from .guard import FAILED, FaultGuard
 from .monitor import SpectralMonitor
 from .report import SpectralReport
-from .writers import GuardedWriter, TensorBoardWriter, headline_metrics
+from .writers import GuardedWriter, TensorBoardWriter, default_log_dir, ensure_writable_dir, headline_metrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoRASpectralCallback", "default_log_dir"]
+__all__ = ["LoRASpectralCallback"]
 
 _HISTORY_KEY = "spectral/intruders_total"
 _WAIT_KEY = "spectral/alert_wait"
 _BASELINE_KEY = "spectral/baseline_fingerprint"  # full fine-tuning: which stored pretrained copies were used
-
-
-def default_log_dir(output_dir: str) -> str:
-    """A run directory of our own beside the Trainer's TensorBoard logs, never sharing its event file.
-
-    transformers 5.x has no ``TrainingArguments.logging_dir``: its TensorBoardCallback writes to
-    ``$TENSORBOARD_LOGGING_DIR`` or ``<output_dir>/runs/<time>_<host>``. We use ``<that root>/spectral``, a
-    fixed name so a resumed run continues the same series.
-    """
-    root = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(output_dir, "runs")
-    return os.path.join(os.path.expanduser(root), "spectral")
 
 
 class LoRASpectralCallback(TrainerCallback):
@@ -48,7 +36,7 @@ class LoRASpectralCallback(TrainerCallback):
     Measures at step 0 (or at the step a run resumes from, if its checkpoint holds no measurement), every
     ``every_n_steps`` optimizer steps, and at the end of training; a resumed run keeps the schedule and patience
     of an uninterrupted one. Writes TensorBoard tags (see ``writers``) to ``log_dir`` (default:
-    :func:`default_log_dir`) and the headline numbers to the Trainer's log history. When ``max_intruders`` /
+    :func:`~.writers.default_log_dir`) and the headline numbers to the Trainer's log history. When ``max_intruders`` /
     ``max_intruders_per_layer`` is exceeded for ``patience`` consecutive measurements it warns, calls
     ``on_alert(report)`` and, unless ``stop_training=False``, saves a checkpoint and stops training on every
     rank. NaN/Inf weights always warn and call the hook; they stop training only with ``stop_on_nonfinite``.
@@ -149,7 +137,7 @@ class LoRASpectralCallback(TrainerCallback):
         if image_every_n_measurements is not None:
             require_matplotlib("image_every_n_measurements")
         if log_dir is not None:
-            _ensure_writable_dir(log_dir)
+            ensure_writable_dir(log_dir)
         # configuration
         self.every_n_steps = every_n_steps
         # Under DDP every rank measures its share (synchronously: a background measurement runs on rank 0 alone).
@@ -352,7 +340,7 @@ class LoRASpectralCallback(TrainerCallback):
         last measurement this run restored (past its checkpoint; or all of them, for a new run in the same
         directory) are purged so that no step repeats or goes backwards."""
         self.resolved_log_dir = log_dir
-        _ensure_writable_dir(log_dir)
+        ensure_writable_dir(log_dir)
         writer = self.guard("TensorBoard open", lambda: TensorBoardWriter(log_dir, self.last_measured_step + 1))
         if not isinstance(writer, TensorBoardWriter):
             return None
@@ -404,12 +392,3 @@ def _calling_callback_handler(callback: TrainerCallback) -> Any:
             return candidate
         frame = frame.f_back
     return None
-
-
-def _ensure_writable_dir(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"log_dir={path!r} cannot be created: {err}") from None
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"log_dir={path!r} is not writable")

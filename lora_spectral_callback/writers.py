@@ -22,13 +22,22 @@ Tags (``<layer>`` is the readable module path, ``<eps>`` formatted with ``%g``):
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Protocol
 
 from .figures import summary_markdown
 from .guard import FAILED, FaultGuard
 from .report import LayerSpectra, SpectralReport
 
-__all__ = ["GuardedWriter", "MetricWriter", "TensorBoardWriter", "headline_metrics", "scalar_metrics"]
+__all__ = [
+    "GuardedWriter",
+    "MetricWriter",
+    "TensorBoardWriter",
+    "default_log_dir",
+    "ensure_writable_dir",
+    "headline_metrics",
+    "scalar_metrics",
+]
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -207,3 +216,24 @@ class TensorBoardWriter:
         except Exception:
             if not self._broken:
                 raise
+
+
+def default_log_dir(output_dir: str) -> str:
+    """A run directory of our own beside the Trainer's TensorBoard logs, never sharing its event file.
+
+    transformers 5.x has no ``TrainingArguments.logging_dir``: its TensorBoardCallback writes to
+    ``$TENSORBOARD_LOGGING_DIR`` or ``<output_dir>/runs/<time>_<host>``. We use ``<that root>/spectral``, a
+    fixed name so a resumed run continues the same series.
+    """
+    root = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(output_dir, "runs")
+    return os.path.join(os.path.expanduser(root), "spectral")
+
+
+def ensure_writable_dir(path: str) -> None:
+    """Create ``path`` if needed; a ``ValueError`` naming ``log_dir`` when it cannot be created or written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"log_dir={path!r} cannot be created: {err}") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"log_dir={path!r} is not writable")

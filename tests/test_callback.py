@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from training import make_trainer
 
 from lora_spectral_callback import LoRASpectralCallback, SpectralMonitor, SpectralReport
-from lora_spectral_callback.callback import default_log_dir
+from lora_spectral_callback.writers import default_log_dir
 
 TARGETS = ["query", "value"]
 
