@@ -92,7 +92,7 @@ class LoRASpectralCallback(TrainerCallback):
         ValueError: A bad option, naming it and what is allowed (before training starts).
 
     Example:
-        >>> import tempfile, torch
+        >>> import contextlib, io, tempfile, torch
         >>> from peft import LoraConfig, get_peft_model
         >>> from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
         >>> _ = torch.manual_seed(0)
@@ -104,7 +104,8 @@ class LoRASpectralCallback(TrainerCallback):
         >>> callback = LoRASpectralCallback(every_n_steps=2, max_intruders=5, progress=False)
         >>> args = TrainingArguments(out, max_steps=4, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
         >>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
-        >>> _ = trainer.train()
+        >>> with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints every log line
+        ...     _ = trainer.train()
         >>> [entry["step"] for entry in trainer.state.log_history if "spectral/intruders_total" in entry]
         [0, 2, 4]
     """
