@@ -15,16 +15,19 @@ layer by layer, and checks the fingerprint, so it never silently compares with t
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from torch import Tensor
 
-from .basis_store import weight_fingerprint
+from .basis_store import stream_fingerprint, weight_fingerprint
+from .distributed import rank_and_world, sent_from
 from .full_finetune import DenseMatrix, Keep
 from .layers import MonitoredMatrix
 from .matrix import WeightMatrix
 from .monitor import SpectralMonitor
+from .ranks import shape_only
 
-__all__ = ["BASELINE_FILE", "fingerprint", "load", "save", "save_or_restore"]
+__all__ = ["BASELINE_FILE", "load", "save", "save_or_restore"]
 
 BASELINE_FILE = "spectral_baseline.safetensors"
 
@@ -50,17 +53,25 @@ def _flat(matrices: list[WeightMatrix]) -> dict[str, Tensor]:
     return {f"{m.name}/{part}": t for m in matrices for part, t in _parts(m).items()}
 
 
-def fingerprint(matrices: list[WeightMatrix]) -> str:
-    """One hash over everything the baseline holds, in order."""
-    return weight_fingerprint(*_flat(matrices).values())
+def _collected(monitor: SpectralMonitor) -> dict[str, Tensor]:
+    """The baseline on the main process when a full fine-tune's pretrained copies are split across ranks: each
+    copy sent by its owner, one at a time (a collective: every rank calls it); an empty dict elsewhere."""
+    rank = rank_and_world()[0]
+    out = {}
+    for matrix, owner in zip(monitor.matrices, monitor.owners, strict=True):
+        for part, t in _parts(matrix).items():
+            if isinstance(matrix, DenseMatrix) and owner != 0:
+                t = sent_from(t if rank == owner else None, owner)
+            if rank == 0:
+                out[f"{matrix.name}/{part}"] = t
+    return out
 
 
-def save(matrices: list[WeightMatrix], path: str) -> str | None:
-    """Write the baseline to ``path`` (safetensors); returns its fingerprint, or None when there is nothing to
-    keep (plain LoRA: the frozen base weight is its own reference) and no file is written."""
+def save(tensors: dict[str, Tensor], path: str) -> str | None:
+    """Write the baseline ``tensors`` to ``path`` (safetensors); returns their fingerprint, or None when there is
+    nothing to keep (plain LoRA: the frozen base weight is its own reference) and no file is written."""
     from safetensors.torch import save_file
 
-    tensors = _flat(matrices)
     if not tensors:
         return None
     digest = weight_fingerprint(*tensors.values())
@@ -69,9 +80,16 @@ def save(matrices: list[WeightMatrix], path: str) -> str | None:
     return digest
 
 
-def load(matrices: list[WeightMatrix], path: str, expected: str, keep: Keep | None = None) -> None:
+def load(
+    matrices: list[WeightMatrix],
+    path: str,
+    expected: str,
+    keep: Keep | None = None,
+    owned: Sequence[bool] | None = None,
+) -> None:
     """Put the first run's baseline back into the matrices (one layer at a time: with ``keep`` on disk, never the
-    whole baseline in memory), after checking it is the one the run's history was measured against."""
+    whole baseline in memory; a matrix not ``owned`` by this rank keeps only its shape), after checking it is the
+    one the run's history was measured against."""
     from safetensors import safe_open
 
     if not os.path.exists(path):
@@ -81,15 +99,17 @@ def load(matrices: list[WeightMatrix], path: str, expected: str, keep: Keep | No
         )
     with safe_open(path, "pt") as stored:
         names = set(stored.keys())
-        for m in matrices:
+        for i, m in enumerate(matrices):
             wanted = _parts(m)
             keys = {part: f"{m.name}/{part}" for part in wanted}
             if not set(keys.values()) <= names or any(
                 tuple(stored.get_slice(key).get_shape()) != tuple(wanted[part].shape) for part, key in keys.items()
             ):
                 raise ValueError(f"the baseline at {path!r} does not match the monitored layer {m.name}")
-            _restore(m, {part: stored.get_tensor(key) for part, key in keys.items()}, keep)
-    if fingerprint(matrices) != expected:
+            mine = owned is None or owned[i]
+            _restore(m, {part: stored.get_tensor(key) for part, key in keys.items()}, keep if mine else shape_only)
+        digest = stream_fingerprint(stored.get_tensor(key) for key in _flat(matrices))
+    if digest != expected:
         raise ValueError(
             f"the baseline at {path!r} is not the one this run's history was measured against "
             "(fingerprint mismatch): it was overwritten by another run"
@@ -100,10 +120,12 @@ def save_or_restore(
     monitor: SpectralMonitor, output_dir: str, resumed: bool, expected: str | None, write: bool = True
 ) -> str | None:
     """A new run saves its baseline (when ``write``: the main process), a resumed run whose history recorded the
-    fingerprint ``expected`` restores it. Returns the fingerprint to record (None: nothing to keep)."""
+    fingerprint ``expected`` restores it. Returns the fingerprint to record (None: nothing to keep). When a full
+    fine-tune's copies are split across ranks, every rank calls it (the copies travel to the main process)."""
     path = os.path.join(output_dir, BASELINE_FILE)
     if not resumed:
-        return save(monitor.matrices, path) if write else None
+        tensors = _collected(monitor) if monitor.split and monitor.mode == "full" else _flat(monitor.matrices)
+        return save(tensors, path) if write else None
     if expected is None:
         if _flat(monitor.matrices):
             raise ValueError(
@@ -111,5 +133,6 @@ def save_or_restore(
                 "none: was it started with another monitoring configuration?"
             )
         return None
-    load(monitor.matrices, path, expected, monitor.keep_copy)
+    rank = rank_and_world()[0]
+    load(monitor.matrices, path, expected, monitor.keep_copy, [owner == rank for owner in monitor.owners])
     return expected

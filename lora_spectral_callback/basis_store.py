@@ -22,6 +22,7 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from .metrics import fast_float64, pretrained_basis_and_spectrum
 
-__all__ = ["BasisStore", "settle", "weight_fingerprint"]
+__all__ = ["BasisStore", "settle", "stream_fingerprint", "weight_fingerprint"]
 
 _KEY, _SPECTRUM_KEY, _WEIGHT_KEY = "basis", "singular_values", "weight"
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -38,6 +39,11 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
 def weight_fingerprint(*weights: Tensor) -> str:
     """BLAKE2b hash of the weights' bytes, shapes and dtypes, in order: equal fingerprints mean the same basis
     (one weight) or the same baseline (several). Streams each weight: no concatenated copy is made."""
+    return stream_fingerprint(weights)
+
+
+def stream_fingerprint(weights: Iterable[Tensor]) -> str:
+    """:func:`weight_fingerprint` of weights produced one at a time (e.g. read from a file): one in memory."""
     h = hashlib.blake2b(digest_size=16)
     for W in weights:
         data = W.detach().to("cpu").contiguous()

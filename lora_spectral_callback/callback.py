@@ -54,11 +54,10 @@ class LoRASpectralCallback(TrainerCallback):
     measurement step, that step waits for it (no measurement is skipped); train end waits too, then measures the
     final state synchronously. Under DDP this adds a one-integer all-reduce per step, so every rank stops together.
 
-    Multi-process: under DDP (LoRA) every rank snapshots and measures its share of the matrices
-    (``split_across_ranks``, on unless ``asynchronous``) and rank 0 combines the reports, decides and writes; a stop
-    reaches every rank through one all-reduce. With sharded weights (FSDP2, DeepSpeed ZeRO-3) every rank takes part
-    in each measurement's gathers (rank 0 measures alone), and ``asynchronous`` / ``forgetting_proxy`` are turned
-    off (see :mod:`.sharding`). Full fine-tuning mode measures on rank 0.
+    Multi-process: every rank snapshots and measures its share of the matrices (under DDP: ``split_across_ranks``,
+    on unless ``asynchronous``; with sharded weights, FSDP2 or DeepSpeed ZeRO-3, always, gathering the matrices in
+    rounds) and rank 0 combines the reports, decides and writes; a stop reaches every rank through one all-reduce.
+    With sharded weights ``asynchronous`` / ``forgetting_proxy`` are turned off (see :mod:`.sharding`).
 
     Remaining keyword options go to :class:`SpectralConfig` (``include``, ``exclude``, ``basis_dtype``, ...).
 

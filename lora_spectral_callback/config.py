@@ -70,8 +70,9 @@ class SpectralConfig:
         background_after: Seconds of projected snapshot time above which ``"auto"`` goes to the background.
         split_across_ranks: In a multi-process LoRA run whose ranks each hold whole weights (DDP, ZeRO-1/2),
             every rank snapshots and measures its share of the matrices (balanced by snapshot cost) and the
-            reports are combined on the main process; ``measure`` is then a collective (call it on every rank). The callback turns it on unless
-            ``asynchronous``.
+            reports are combined on the main process; ``measure`` is then a collective (call it on every rank).
+            The callback turns it on unless ``asynchronous``. A LoRA run with sharded weights (FSDP2, ZeRO-3) is
+            always split (its ``measure`` is a collective anyway).
 
     Raises:
         ValueError: An invalid value, naming the option and what is allowed.

@@ -52,11 +52,7 @@ def find_matrices(
     unreadable = unsupported_sharding(model)
     if unreadable:
         raise ValueError(f"lora-spectral-callback cannot monitor this model: {unreadable}")
-    # auto: LoRA if the model has PEFT layers; a full fine-tune only when layers were named (copying every weight of
-    # a model nobody asked about would be a nasty surprise)
-    mode = config.mode
-    if mode == "auto":
-        mode = "lora" if has_peft_layers(model) or config.include is None else "full"
+    mode = monitoring_mode(model, config)
     matrices: list[WeightMatrix]
     if mode == "full":
         dense = find_dense_matrices(
@@ -87,6 +83,14 @@ def find_matrices(
     if not matrices:
         raise ValueError(_nothing_to_monitor(model, mode, config.include, config.exclude))
     return mode, matrices
+
+
+def monitoring_mode(model: nn.Module, config: SpectralConfig) -> str:
+    """``config.mode``, with ``"auto"`` decided: LoRA if the model has PEFT layers; a full fine-tune only when layers
+    were named (copying every weight of a model nobody asked about would be a nasty surprise)."""
+    if config.mode != "auto":
+        return config.mode
+    return "lora" if has_peft_layers(model) or config.include is None else "full"
 
 
 def selected(name: str, include: str | None, exclude: str | None) -> bool:

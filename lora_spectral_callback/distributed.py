@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["all_gather_objects", "any_rank", "balanced_owners", "is_main_process", "rank_and_world"]
+__all__ = ["all_gather_objects", "any_rank", "balanced_owners", "is_main_process", "rank_and_world", "sent_from"]
 
 
 def _initialized() -> bool:
@@ -46,6 +46,15 @@ def all_gather_objects(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
+
+
+def sent_from(obj: Any, source: int) -> Any:
+    """``obj`` of rank ``source`` (picklable), on every rank; ``obj`` itself in a single process."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=source)
+    return box[0]
 
 
 def balanced_owners(costs: Sequence[float], world_size: int) -> list[int]:

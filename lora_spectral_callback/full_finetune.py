@@ -58,6 +58,10 @@ class DenseMatrix:
         """The pretrained copy (not the live weight): the snapshot basis is always the pretrained one."""
         return self.pretrained
 
+    def shape(self) -> torch.Size:
+        """The pretrained copy's shape (kept, as a meta tensor, also where the copy itself is not)."""
+        return self.pretrained.shape
+
     def current_weight(self) -> Tensor:
         return weight_matrix(self.module).detach() if self.frozen is None else self.frozen
 

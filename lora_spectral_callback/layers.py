@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .layout import laid_out_shape
 from .linalg import LowRankUpdatedMatrix
 from .merged import merged_operator, stack_factors
 from .metrics import effective_rank, low_rank_singular_values
@@ -93,7 +94,7 @@ class MonitoredMatrix:
             return full(self.module.get_param())
         base = self.module.get_base_layer()
         W = dequantized(base) if is_quantized(base.weight, base) else full(base.weight)
-        if self.is_embedding or getattr(self.module, "fan_in_fan_out", False):
+        if self._stored_transposed():
             return W.T
         return W.flatten(1)  # a no-op for Linear; ConvNd kernels -> (out_channels, in_channels * kernel volume)
 
@@ -101,6 +102,16 @@ class MonitoredMatrix:
         """The reference: the pretrained weight in (out, in) layout (``W_res + sum s B0 A0`` after a base-rewriting
         init, computed in at least float32)."""
         return self._reference(self.stored_weight())
+
+    def shape(self) -> torch.Size:
+        """The reference's ``(out, in)`` shape, read without gathering or dequantizing the base."""
+        stored = weight_shape(self._base_param(), self._base_owner())
+        return laid_out_shape(stored, self._stored_transposed())
+
+    def _stored_transposed(self) -> bool:
+        if hasattr(self.module, "get_param"):  # a 2-D parameter, used as stored
+            return False
+        return self.is_embedding or bool(getattr(self.module, "fan_in_fan_out", False))
 
     def _reference(self, stored: Tensor) -> Tensor:
         if self.initial_unknown is not None:
@@ -170,8 +181,7 @@ class MonitoredMatrix:
         """Replace the initial factors by ``state`` (as from :meth:`initial_state`, or
         :func:`initial_factors_from_adapter`), e.g. those recorded before training by an earlier run."""
         initial = {}
-        shape = weight_shape(self._base_param(), self._base_owner())
-        rows = shape[1] if self.is_embedding or getattr(self.module, "fan_in_fan_out", False) else shape[0]
+        rows = self.shape()[0]
         for adapter in {key.rsplit(".", 1)[0] for key in state}:
             sB0, A0 = state[f"{adapter}.B"], state[f"{adapter}.A"]
             if sB0.dim() != 2 or A0.dim() != 2 or sB0.shape[0] != rows or sB0.shape[1] != A0.shape[0]:
@@ -231,6 +241,9 @@ class CapturedMatrix:
 
     def base_weight(self) -> Tensor:
         return self.live.base_weight() if self.base is None else self.base
+
+    def shape(self) -> torch.Size:
+        return self.live.shape()
 
     def update_factors(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor] | None:
         return stack_factors(self.weights, dtype, device)

@@ -8,11 +8,13 @@ this way.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+import math
 
-from .sharding import full
+from torch import Size, Tensor, nn
 
-__all__ = ["is_matrix_layer", "weight_matrix"]
+from .sharding import full, logical_shape
+
+__all__ = ["is_matrix_layer", "laid_out_shape", "matrix_shape", "weight_matrix"]
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
@@ -21,9 +23,27 @@ def weight_matrix(module: nn.Module) -> Tensor:
     weight = module.weight
     assert isinstance(weight, Tensor)
     W = full(weight)  # gathered if it is an FSDP2 shard or a ZeRO-3 partition
-    if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
-        return W.T
-    return W.flatten(1)
+    return W.T if _stored_transposed(module) else W.flatten(1)
+
+
+def matrix_shape(module: nn.Module) -> Size:
+    """The shape of :func:`weight_matrix`, read without gathering a shard."""
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return laid_out_shape(logical_shape(weight), _stored_transposed(module))
+
+
+def laid_out_shape(stored: Size, transposed: bool) -> Size:
+    """The (out, in) shape of a weight stored as ``stored``: swapped if stored transposed, else the kernel dimensions
+    flattened into the input one."""
+    if transposed:
+        return Size((stored[1], stored[0]))
+    return Size((stored[0], math.prod(stored[1:])))
+
+
+def _stored_transposed(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D`` stores ``(in, out)``; an ``Embedding`` table is applied as ``weight.T``."""
+    return isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D"
 
 
 def is_matrix_layer(module: nn.Module) -> bool:

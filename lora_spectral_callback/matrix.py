@@ -40,6 +40,11 @@ class WeightMatrix(Protocol):
 
     def base_weight(self) -> Tensor: ...
 
+    def shape(self) -> torch.Size:
+        """``(out, in)`` of the reference, read without gathering a shard or dequantizing: what the work split
+        across ranks is balanced by."""
+        ...
+
     def operator(self, W0: Tensor) -> LowRankUpdatedMatrix: ...
 
     def update_effective_rank(self, device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> float:

@@ -13,17 +13,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .basis_store import BasisStore
 from .config import DTYPES, SpectralConfig
-from .discovery import find_matrices
-from .distributed import all_gather_objects, is_main_process, rank_and_world
+from .discovery import dense_layers, find_matrices, monitoring_mode
+from .distributed import all_gather_objects, balanced_owners, is_main_process, rank_and_world
 from .full_finetune import Keep
 from .guard import FaultGuard
+from .layout import matrix_shape
 from .matrix import WeightMatrix
 from .measure import Decomposition, Measurer
-from .ranks import combine_reports, gathered, owned_share, shape_only
+from .ranks import all_or_raise, combine_reports, gathered, rounds, shape_only, snapshot_costs
 from .report import LayerReport, LayerSpectra, SpectralReport
 from .sharding import module_is_sharded
 from .snapshot import LayerState, Snapshots
@@ -71,13 +72,13 @@ class SpectralMonitor:
         self.model = model
         store = BasisStore(DTYPES[cfg.basis_dtype], cfg.basis_device, cfg.basis_cache_dir)
         keep: Keep | None = store.disk_copy if store.on_disk else None
-        if module_is_sharded(model) and not is_main_process():
-            keep = shape_only  # only the main process measures a sharded model: gather each copy, keep none
         copy_device = "cpu" if store.on_disk else cfg.basis_device
-        self.mode, self.matrices = find_matrices(model, cfg, keep, copy_device)
+        self.mode, self.matrices = find_matrices(model, cfg, _owned_copies(model, cfg, keep), copy_device)
         self.snapshots = Snapshots([m.name for m in self.matrices], cfg, store)
         self.measurer = Measurer(cfg, self.snapshots.layers, FaultGuard(cfg.strict))
-        self._owned: list[WeightMatrix] | None = None  # this rank's share when split across ranks (see _share)
+        self._owner: list[int] | None = None  # the rank of each matrix (see owners)
+        # full mode decided where its pretrained copies live once, now; LoRA mode follows the sharding live
+        self._split_copies = _splits(cfg, module_is_sharded(model)) if self.mode == "full" else None
 
     @property
     def keep_copy(self) -> Keep | None:
@@ -95,14 +96,16 @@ class SpectralMonitor:
 
     @property
     def split(self) -> bool:
-        """Whether each rank snapshots and measures its own share of the matrices (``split_across_ranks`` in a
-        multi-process LoRA run; a full fine-tune's pretrained copies live on the main process)."""
-        return self.config.split_across_ranks and self.mode == "lora" and rank_and_world()[1] > 1 and not self.sharded
+        """Whether each rank snapshots and measures its own share of the matrices (and, in full fine-tuning mode,
+        keeps only their pretrained copies): a multi-process run with sharded weights, or with whole weights and
+        ``split_across_ranks`` (in full fine-tuning mode, as it was when the monitor took the copies)."""
+        if self._split_copies is not None:
+            return self._split_copies
+        return _splits(self.config, self.sharded)
 
     @property
     def collective(self) -> bool:
-        """Whether ``measure`` must be called on every rank at the same step: sharded weights, or
-        ``split_across_ranks`` in a multi-process run."""
+        """Whether ``measure`` must be called on every rank at the same step: sharded weights, or a split."""
         return self.sharded or self.split
 
     @property
@@ -139,14 +142,22 @@ class SpectralMonitor:
         """Memory held for the pretrained bases (0 when memory-mapped from disk: only droppable page cache)."""
         return self.snapshots.basis_bytes()
 
+    @property
+    def owners(self) -> list[int]:
+        """The rank that snapshots and measures each matrix: shares balanced by the cost of a snapshot
+        (:func:`.ranks.snapshot_costs`), decided once, the same on every rank without communicating; all 0 when
+        not split."""
+        if self._owner is None:
+            world = rank_and_world()[1] if self.split else 1
+            self._owner = balanced_owners(snapshot_costs(self.matrices), world)
+        return self._owner
+
     def _share(self) -> list[WeightMatrix]:
-        """The matrices this process snapshots and measures: all of them, or its balanced share when split across
-        ranks (:func:`.ranks.owned_share`, decided once)."""
+        """The matrices this process snapshots and measures: all of them, or its share when split."""
         if not self.split:
             return self.matrices
-        if self._owned is None:
-            self._owned = owned_share(self.matrices, *rank_and_world())
-        return self._owned
+        rank = rank_and_world()[0]
+        return [matrix for matrix, owner in zip(self.matrices, self.owners, strict=True) if owner == rank]
 
     # -- measurement ----------------------------------------------------------------------------------------
     def capture(self) -> list[WeightMatrix]:
@@ -163,14 +174,15 @@ class SpectralMonitor:
         max |cos| 1, without a basis (and without singular values).
 
         When ``collective`` is true, call it on every rank at the same step; the main process returns the report,
-        the other ranks None. With sharded weights (``sharded``: FSDP2, ZeRO-3) each matrix in turn is gathered on
-        every rank (``capture()``: its full base weight and factors, one matrix in memory at a time) and measured on
-        the main process. With ``split_across_ranks`` each rank measures its share and the layer reports are
-        gathered (a strict failure on one rank raises on all of them, so none waits forever). Otherwise call it
-        wherever you like (the callback calls it on rank 0 only).
+        the other ranks None. When ``split``, each rank snapshots and measures its share of the matrices (``owners``)
+        and the layer reports are gathered; a strict failure on one rank raises on all of them, so none waits
+        forever. With sharded weights (``sharded``: FSDP2, ZeRO-3) the matrices are gathered (``capture()``: the
+        full weights and factors) in rounds of one matrix per rank, in the same order on every rank, each rank
+        keeping and measuring its own while the others measure theirs. Otherwise call it wherever you like (the
+        callback calls it on rank 0 only).
         """
         if matrices is None and self.sharded:
-            return self._measure_gathered(step)
+            return self._measure_rounds(step)
         self.snapshot(wait=not self.snapshots.in_background)
         if matrices is None and self.split:
             return self._measure_split(step)
@@ -178,28 +190,40 @@ class SpectralMonitor:
         return self.measurer.walk(step, self.matrices if matrices is None else matrices, self.model, snapshot)
 
     def _measure_split(self, step: int | None) -> SpectralReport | None:
-        """Each rank measures its share; the layer reports are combined on the main process, in model order."""
+        """Each rank measures its share of the whole weights; the layer reports are combined on the main process."""
         start = time.perf_counter()
         try:
             local: SpectralReport | str = self.measurer.walk(step, self._share(), self.model)
         except Exception as err:  # strict: every rank must still reach the gather, then all raise
             local = f"{type(err).__name__}: {err}"
-        return combine_reports(local, step, [m.name for m in self.matrices], self.config.epsilons, start)
+        parts = all_or_raise(local, "measurement")
+        return self._combined(parts, step, start)
 
-    def _measure_gathered(self, step: int | None) -> SpectralReport | None:
-        """The collective measurement of a sharded model (see ``measure``). Every rank walks every matrix's gathers
-        whatever happens on the main process (a failed layer, or a ``strict`` raise, drains the rest first), so
-        the ranks stay in step."""
-        items = gathered(self.matrices)
+    def _measure_rounds(self, step: int | None) -> SpectralReport | None:
+        """The collective measurement of a sharded model split across ranks, in rounds (:func:`.ranks.rounds`):
+        every rank joins the gathers of a round's matrices, in the same order, keeps the one it owns, snapshots it
+        the first time and measures it while the other ranks measure theirs; then the round's layer reports are
+        exchanged (a ``strict`` failure raises on every rank there). A rank waits at most one round for the others."""
+        start = time.perf_counter()
+        rank, world = rank_and_world()
+        owner = self.owners
+        parts: list[SpectralReport] = []
+        for members in rounds(owner, snapshot_costs(self.matrices), world):
+            items = gathered([self.matrices[i] for i in members], [owner[i] for i in members])
+            mine = [item for i, item in zip(members, items, strict=True) if owner[i] == rank]
+            try:
+                local: SpectralReport | str = self.measurer.walk(step, mine, self.model, self.snapshots.take)
+            except Exception as err:  # strict: every rank must still reach the exchange, then all raise
+                local = f"{type(err).__name__}: {err}"
+            del mine
+            parts.extend(all_or_raise(local, "measurement"))
+        return self._combined(parts, step, start)
+
+    def _combined(self, parts: list[SpectralReport], step: int | None, start: float) -> SpectralReport | None:
+        """The ranks' reports as one on the main process; None elsewhere."""
         if not is_main_process():
-            for item in items:  # take part in every gather, measure nothing
-                del item
             return None
-        try:
-            return self.measurer.walk(step, items, self.model, self.snapshots.take)
-        finally:
-            for item in items:  # only left over after a raise
-                del item
+        return combine_reports(parts, step, [m.name for m in self.matrices], self.config.epsilons, start)
 
     def measure_matrix(self, matrix: WeightMatrix) -> LayerReport:
         """Measure one monitored matrix (its snapshot must be there): a :class:`~.report.LayerReport`."""
@@ -231,18 +255,40 @@ class SpectralMonitor:
             )
         except Exception as err:  # every rank must still reach the gather, then all raise
             local = f"{type(err).__name__}: {err}"
-        parts = all_gather_objects(local)
-        failures = [f"rank {rank}: {part}" for rank, part in enumerate(parts) if isinstance(part, str)]
-        if failures:
-            raise RuntimeError("pictures failed on " + "; ".join(failures))
+        parts = all_or_raise(local, "pictures")
         if not is_main_process():
             return {}
-        gathered = {name: s for part in parts if isinstance(part, dict) for name, s in part.items()}
-        order = [m.name for m in self.matrices if m.name in gathered] if names is None else list(names)
-        missing = [name for name in order if name not in gathered]
+        drawn = {name: s for part in parts if isinstance(part, dict) for name, s in part.items()}
+        order = [m.name for m in self.matrices if m.name in drawn] if names is None else list(names)
+        missing = [name for name in order if name not in drawn]
         if missing:
             raise ValueError(f"layer {missing[0]!r} has not been measured yet")
-        return {name: gathered[name] for name in order}
+        return {name: drawn[name] for name in order}
+
+
+def _splits(config: SpectralConfig, sharded: bool) -> bool:
+    """Whether a run splits the monitor's work across its ranks: with sharded weights whenever there are several
+    ranks (each measurement gathers on every rank anyway), with whole weights when ``split_across_ranks``."""
+    return rank_and_world()[1] > 1 and (config.split_across_ranks or sharded)
+
+
+def _owned_copies(model: nn.Module, config: SpectralConfig, keep: Keep | None) -> Keep | None:
+    """Where a multi-process full fine-tune keeps each pretrained copy on this rank: as ``keep`` says on the rank
+    that owns the matrix (``SpectralMonitor.owners``, from the same shapes and order; rank 0 owns all when not
+    split), only its shape elsewhere. Copies are taken on every rank (a sharded weight's gather is a collective)."""
+    rank, world = rank_and_world()
+    if world == 1 or monitoring_mode(model, config) != "full":
+        return keep
+    shapes = [matrix_shape(module) for _, module in dense_layers(model, config.include, config.exclude)]
+    costs = [m * n * min(m, n) for m, n in shapes]
+    owned = iter(balanced_owners(costs, world if _splits(config, module_is_sharded(model)) else 1))
+
+    def kept(copy: Tensor) -> Tensor:
+        if next(owned) != rank:
+            return shape_only(copy)
+        return copy if keep is None else keep(copy)
+
+    return kept
 
 
 def _spectra_of(layers: dict[str, LayerState], names: Sequence[str] | None, n: int) -> dict[str, LayerSpectra]:

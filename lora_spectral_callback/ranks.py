@@ -9,49 +9,60 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from .distributed import all_gather_objects, balanced_owners, is_main_process
+from .distributed import all_gather_objects
 from .matrix import WeightMatrix
 from .report import SpectralReport
+from .sharding import gathered_on
 
-__all__ = ["GatherFailed", "combine_reports", "gathered", "owned_share", "shape_only"]
+__all__ = ["GatherFailed", "all_or_raise", "combine_reports", "gathered", "rounds", "shape_only", "snapshot_costs"]
 
-
-@torch.no_grad()
-def owned_share(matrices: Sequence[WeightMatrix], rank: int, world: int) -> list[WeightMatrix]:
-    """The matrices ``rank`` snapshots and measures: a share balanced by the cost of a snapshot (``m n min(m, n)``,
-    the slow part), the same on every rank."""
-    shapes = [matrix.base_weight().shape for matrix in matrices]
-    owners = balanced_owners([m * n * min(m, n) for m, n in shapes], world)
-    return [matrix for matrix, owner in zip(matrices, owners, strict=True) if owner == rank]
+T = TypeVar("T")
 
 
-def combine_reports(
-    local: SpectralReport | str, step: int | None, order: Sequence[str], epsilons: Sequence[float], started: float
-) -> SpectralReport | None:
-    """Gather every rank's report (or the text of its failure) and combine the layer reports on the main process,
-    in model ``order``; the other ranks get None. A failure on any rank raises on every rank, after the gather, so
-    that none waits forever."""
+def snapshot_costs(matrices: Sequence[WeightMatrix]) -> list[int]:
+    """What a snapshot of each matrix costs (``m n min(m, n)``, a full SVD: the slow part), from shapes read
+    without gathering a shard."""
+    return [m * n * min(m, n) for m, n in (matrix.shape() for matrix in matrices)]
+
+
+def rounds(owner: Sequence[int], costs: Sequence[int], world: int) -> list[list[int]]:
+    """Indices of the matrices gathered together, round by round: round ``j`` holds the ``j``-th matrix of each
+    rank's share, shares walked from the costliest, so that the ranks measure matrices of similar cost in parallel
+    between two rounds of gathers."""
+    shares = [sorted((i for i, o in enumerate(owner) if o == rank), key=lambda i: -costs[i]) for rank in range(world)]
+    return [[share[j] for share in shares if j < len(share)] for j in range(max(map(len, shares), default=0))]
+
+
+def all_or_raise(local: T | str, what: str) -> list[T]:
+    """Every rank's ``local`` (the text of a failure, or its result), on every rank; a failure on any rank raises on
+    every rank, after the gather, so that none waits forever in a later collective."""
     parts = all_gather_objects(local)
     failures = [f"rank {rank}: {part}" for rank, part in enumerate(parts) if isinstance(part, str)]
     if failures:
-        raise RuntimeError("measurement failed on " + "; ".join(failures))
-    if not is_main_process():
-        return None
-    reports = [part for part in parts if isinstance(part, SpectralReport)]
-    measured = {name: layer for r in reports for name, layer in r.layers.items()}
+        raise RuntimeError(f"{what} failed on " + "; ".join(failures))
+    return parts
+
+
+def combine_reports(
+    parts: Sequence[SpectralReport], step: int | None, order: Sequence[str], epsilons: Sequence[float], started: float
+) -> SpectralReport:
+    """The ranks' reports of their shares as one, its layers in model ``order``."""
+    measured = {name: layer for r in parts for name, layer in r.layers.items()}
     return SpectralReport.from_layers(
         step,
         list(epsilons),
         {name: measured[name] for name in order if name in measured},
-        {name: error for r in reports for name, error in r.errors.items()},
-        [name for r in reports for name in r.nonfinite_layers],
+        {name: error for r in parts for name, error in r.errors.items()},
+        [name for r in parts for name in r.nonfinite_layers],
         time.perf_counter() - started,
-        [name for r in reports for name in r.pending],
+        [name for r in parts for name in r.pending],
     )
 
 
@@ -64,14 +75,18 @@ class GatherFailed:
     error: str
 
 
-def gathered(matrices: Sequence[WeightMatrix]) -> Iterator[WeightMatrix | GatherFailed]:
-    """Each matrix in turn, gathered on every rank (``capture()``: full base weight and factors); a failure after its
-    gathers becomes an item, so every rank still goes on to the next matrix. One gathered matrix is alive at a
-    time."""
-    for matrix in matrices:
+def gathered(
+    matrices: Sequence[WeightMatrix], owners: Sequence[int] | None = None
+) -> Iterator[WeightMatrix | GatherFailed]:
+    """Each matrix in turn, gathered (``capture()``: full base weight and factors) on every rank, or onto its owner
+    alone where the sharding allows (:func:`.sharding.gathered_on`; the other ranks get a copy of ``meta`` tensors
+    to drop); a failure after its gathers becomes an item, so every rank still goes on to the next matrix. One
+    gathered matrix is alive at a time."""
+    for i, matrix in enumerate(matrices):
         item: WeightMatrix | GatherFailed
         try:
-            item = matrix.capture()
+            with nullcontext() if owners is None else gathered_on(owners[i]):
+                item = matrix.capture()
         except Exception as err:
             item = GatherFailed(matrix.name, matrix.module, f"{type(err).__name__}: {err}")
         yield item

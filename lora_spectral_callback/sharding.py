@@ -8,8 +8,9 @@ Two schemes are read:
   and ``ds_shape`` holds its real shape), gathered with ``deepspeed.zero.GatheredParameters``.
 
 Either gather is a **collective**: every rank must gather the same parameters in the same order, or training
-hangs. The monitor therefore gathers one matrix at a time on every rank (see ``SpectralMonitor.measure``) and
-measures it on the main process only.
+hangs. The monitor therefore gathers one matrix at a time on every rank (see ``SpectralMonitor.measure``), and
+measures each on the one rank that owns it: inside :func:`gathered_on`, an FSDP2 shard is gathered onto that rank
+alone (each matrix's bytes cross the network once, not to every rank).
 
 FSDP1 (``FullyShardedDataParallel``, flat parameters) hides the weights behind its own whole-model gather
 context; it is refused with a clear error instead of measuring flat shards.
@@ -17,9 +18,16 @@ context; it is refused with a clear error instead of measuring flat shards.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 from torch import Size, Tensor, nn
 
-__all__ = ["full", "logical_shape", "module_is_sharded", "unsupported_sharding"]
+__all__ = ["full", "gathered_on", "logical_shape", "module_is_sharded", "unsupported_sharding"]
+
+_destination = threading.local()  # the rank :func:`full` gathers onto, inside :func:`gathered_on`
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -37,10 +45,25 @@ def _is_zero3(t: Tensor) -> bool:
     return hasattr(t, "ds_id")
 
 
+@contextmanager
+def gathered_on(rank: int) -> Iterator[None]:
+    """Inside, :func:`full` gathers an FSDP2 shard (a ``DTensor`` sharded by rows over one mesh dimension) onto
+    ``rank`` alone; the other ranks get a ``meta`` tensor of the whole shape, to drop. Other layouts are gathered
+    onto every rank as usual."""
+    _destination.rank = rank
+    try:
+        yield
+    finally:
+        _destination.rank = None
+
+
 def full(t: Tensor) -> Tensor:
-    """The whole tensor: all-gathered (a collective, see the module docstring) if it is a ``DTensor`` shard or a
+    """The whole tensor: gathered (a collective, see the module docstring) if it is a ``DTensor`` shard or a
     ZeRO-3 partition, else ``t`` itself."""
     if _is_dtensor(t):
+        destination = getattr(_destination, "rank", None)
+        if destination is not None and _rows_sharded_over(t, destination):
+            return _gather_rows(t, destination)
         return t.full_tensor()  # type: ignore[attr-defined]  # a DTensor
     if _is_zero3(t):
         import deepspeed
@@ -48,6 +71,31 @@ def full(t: Tensor) -> Tensor:
         with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
             return t.detach().clone()  # the gathered storage is released on leaving the context
     return t
+
+
+def _rows_sharded_over(t: Tensor, rank: int) -> bool:
+    """FSDP2's layout: ``Shard(0)`` over a one-dimensional mesh whose group holds ``rank``."""
+    mesh, placements = t.device_mesh, t.placements  # type: ignore[attr-defined]  # a DTensor
+    if mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0):
+        return False
+    return rank in torch.distributed.get_process_group_ranks(mesh.get_group())
+
+
+def _gather_rows(t: Tensor, rank: int) -> Tensor:
+    """A row-sharded ``DTensor`` gathered onto ``rank`` (``torch.distributed.gather`` of the local rows, padded to
+    ``torch.chunk``'s equal chunks); a ``meta`` tensor of the whole shape elsewhere."""
+    group = t.device_mesh.get_group()  # type: ignore[attr-defined]  # a DTensor
+    rows, world = t.shape[0], torch.distributed.get_world_size(group)
+    chunk = -(-rows // world)
+    local = t.to_local()  # type: ignore[attr-defined]
+    padded = local.new_zeros((chunk, *t.shape[1:]))
+    padded[: local.shape[0]] = local
+    mine = torch.distributed.get_rank() == rank
+    parts = [torch.empty_like(padded) for _ in range(world)] if mine else None
+    torch.distributed.gather(padded, parts, dst=rank, group=group)
+    if parts is None:
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return torch.cat(parts)[:rows]
 
 
 def logical_shape(t: Tensor) -> Size:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import MonitoredMatrix, unmerged_active_adapters
-from .layout import is_matrix_layer, weight_matrix
+from .layout import is_matrix_layer, matrix_shape, weight_matrix
 from .linalg import LowRankUpdatedMatrix
 from .metrics import effective_rank
 from .quantized import is_quantized
@@ -106,6 +106,9 @@ class MergedMatrix:
 
     def base_weight(self) -> Tensor:
         return weight_matrix(self.module.get_base_layer())
+
+    def shape(self) -> torch.Size:
+        return matrix_shape(self.module.get_base_layer())
 
     def current_weight(self) -> Tensor:
         return merged_weight(self.module if self.state is None else self.state)

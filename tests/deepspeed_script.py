@@ -16,11 +16,7 @@ import sys
 import deepspeed
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dist_common import full_phase, lora_tiny_bert, measured_phase, record_measurements, stop_rule_callback
-from helpers import RandomTokens
-from training import make_trainer
-
-from lora_spectral_callback import LoRASpectralCallback
+from dist_common import Counting, full_phase, lora_tiny_bert, measured_phase, stop_rule_callback, tiny_trainer
 
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
@@ -36,35 +32,10 @@ def zero(stage: int) -> dict:
     }
 
 
-class Counting(LoRASpectralCallback):
-    """Records every measure call on this rank and whether it returned a report (rank 0 only should)."""
-
-    measured: list
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.measured = []
-        first = self.monitor is None
-        result = super().on_train_begin(args, state, control, **kwargs)
-        if first:
-            record_measurements(self.monitor, self.measured)
-        return result
-
-
 def train(model, callback, steps, lr, name, stage=3):
     """The Trainer under DeepSpeed ZeRO-``stage`` (seed 42, the TrainingArguments default): (what this rank saw,
     the final weights gathered on every rank)."""
-    trainer = make_trainer(
-        os.path.join(out, name),
-        model,
-        [callback],
-        steps,
-        data=RandomTokens(n=128),
-        per_device_train_batch_size=4,
-        learning_rate=lr,
-        logging_steps=1,
-        seed=42,
-        deepspeed=zero(stage),
-    )
+    trainer = tiny_trainer(os.path.join(out, name), model, callback, steps, lr, logging_steps=1, deepspeed=zero(stage))
     trainer.train()
     params = list(trainer.model.parameters())
     partitioned = all(p.numel() == 0 for p in params)

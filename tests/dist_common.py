@@ -1,5 +1,5 @@
 """Shared by the scripts test_distributed.py runs under torchrun (they put tests/ on sys.path first): the tiny
-models, the measurement counter, and the phases whose numbers rank 0 checks against a float64 recount."""
+models, the measurement counters, and the phases whose numbers rank 0 checks against a float64 recount."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 
 from helpers import recount_run, tiny_bert
 from peft import LoraConfig, get_peft_model
+
+from lora_spectral_callback import LoRASpectralCallback
 
 EPS = [0.5, 0.7]
 
@@ -34,6 +36,30 @@ def record_measurements(monitor, measured: list) -> None:
         return report
 
     monitor.measure = measure
+
+
+class Counting(LoRASpectralCallback):
+    """Records every measure call on this rank and whether it returned a report (rank 0 only should)."""
+
+    measured: list
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.measured = []
+        first = self.monitor is None
+        result = super().on_train_begin(args, state, control, **kwargs)
+        if first:
+            record_measurements(self.monitor, self.measured)
+        return result
+
+
+def tiny_trainer(output_dir: str, model, callback, steps: int, lr: float, **args):
+    """The Trainer every 2-process script runs: 128 random token sequences, 4 per device, seed 42; ``args`` add
+    to the TrainingArguments."""
+    from helpers import RandomTokens
+    from training import make_trainer
+
+    options = dict(data=RandomTokens(n=128), per_device_train_batch_size=4, learning_rate=lr, seed=42)
+    return make_trainer(output_dir, model, [callback], steps, **options, **args)
 
 
 def measured_phase(mode: str, pretrained, callback, steps: int, lr: float, train, rank: int) -> dict:

@@ -84,8 +84,9 @@ def lora_phase():
 
 
 def faults_phase():
-    """A layer failing on rank 0 after its gathers, a failing copy, and a strict raise mid-walk: the ranks must stay
-    in step (the all-reduce after each would time out otherwise: the process group has a 60 s timeout)."""
+    """A layer failing after its gathers, a failing copy, and a strict raise mid-walk, on whichever rank owns the
+    layer: the ranks must stay in step (the all-reduce after each would time out otherwise: the process group has
+    a 60 s timeout)."""
     from lora_spectral_callback import SpectralMonitor
     from lora_spectral_callback.distributed import any_rank
 
@@ -94,22 +95,23 @@ def faults_phase():
     for strict in (False, True):
         monitor = SpectralMonitor(model, progress=False, strict=strict)
         first, second = monitor.matrices[0], monitor.matrices[1]
-        if rank == 0:
-            real_measure, real_capture = monitor.measurer.layer, second.capture
+        real_measure, real_capture = monitor.measurer.layer, second.capture
 
-            def measure_matrix(matrix, real_measure=real_measure, first=first):
-                if matrix.name == first.name:
-                    raise RuntimeError("simulated failure while measuring")
-                return real_measure(matrix)
+        def measure_matrix(matrix, real_measure=real_measure, first=first):
+            if matrix.name == first.name:
+                raise RuntimeError("simulated failure while measuring")
+            return real_measure(matrix)
 
-            def capture(real_capture=real_capture):
-                real_capture()  # the gathers happen, then the copy fails
-                raise torch.OutOfMemoryError("simulated failure after gathering")
+        def capture(real_capture=real_capture):
+            real_capture()  # the gathers happen, then the copy fails
+            raise torch.OutOfMemoryError("simulated failure after gathering")
 
-            monitor.measurer.layer, second.capture = measure_matrix, capture
+        monitor.measurer.layer, second.capture = measure_matrix, capture
         try:
             report = monitor.measure(1)
-            outcomes[strict] = None if report is None else sorted(report.errors) + sorted(report.layers)
+            outcomes[strict] = (
+                None if report is None else {"errors": sorted(report.errors), "layers": list(report.layers)}
+            )
         except RuntimeError as err:
             outcomes[strict] = f"raised: {err}"
         any_rank(False)  # both ranks reach this only if every gather was matched

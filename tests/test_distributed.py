@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +34,15 @@ def test_ddp_two_processes_split_the_work_and_stop_together(tmp_path):
         assert main["ranks"][name] == pytest.approx(rank, rel=1e-5)
     assert main["alert_step"] is not None
     assert main["global_step"] == other["global_step"] == main["alert_step"] < 12  # stopped together, early
+    # full fine-tuning mode: each rank keeps and measures half of the pretrained copies; then resumed at step 2
+    for phase in ("full", "resumed"):
+        m, o = main[phase], other[phase]
+        assert m["svds"] == o["svds"] == 2 and m["errors"] == {}
+        assert m["counts"] == m["reference_counts"] and m["totals"] == m["reference_totals"]
+        for name, rank in m["reference_ranks"].items():
+            assert m["ranks"][name] == pytest.approx(rank, rel=1e-5)
+        assert m["report_step"] == m["global_step"] == o["global_step"] == 4
+    assert [s for s, _ in main["resumed"]["measured"]] == [4]  # steps 3-4 only: the history had step 2
     events = [p for p in (tmp_path / "tb").rglob("events*")]
     assert len(events) == 1  # only the main process wrote TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -89,9 +99,10 @@ def test_accelerate_custom_loop_stops_every_process(tmp_path, launcher):
 
 def run_sharded(script: str, tmp_path: Path, prefix: str, tb: str, **env_extra: str) -> tuple[dict, dict]:
     """Run a 2-process sharding script under torchrun; check what both sharding tests share: in LoRA mode (a stop
-    at step 2) and full fine-tuning mode (4 steps), rank 0 alone measures and its numbers equal the float64
-    recount of the gathered final weights, every rank joins every gather, all ranks end at the same step, one
-    TensorBoard event file per run. Returns both ranks' results."""
+    at step 2) and full fine-tuning mode (4 steps) each rank snapshots and measures half of the matrices (and
+    keeps half of the pretrained copies); rank 0 alone gets the report and its numbers equal the float64 recount of the gathered final weights,
+    every rank joins every gather, all ranks end at the same step, one TensorBoard event file per run. Returns both
+    ranks' results."""
     result = launch(HERE / script, str(tmp_path), **env_extra)
     assert result.returncode == 0, result.stderr[-3000:]
     main, other = [json.loads((tmp_path / f"{prefix}{r}.json").read_text()) for r in (0, 1)]
@@ -104,7 +115,9 @@ def run_sharded(script: str, tmp_path: Path, prefix: str, tb: str, **env_extra: 
             assert m["ranks"][name] == pytest.approx(rank, rel=1e-5)
         assert all(returned for _, returned in m["measured"]) and not any(returned for _, returned in o["measured"])
         assert [s for s, _ in m["measured"]] == [s for s, _ in o["measured"]]  # every rank joined every gather
-        assert m["svds"] == 4 and o["svds"] == 0  # the work is done once, on rank 0
+    assert all(
+        rank[phase]["svds"] == 2 for rank in (main, other) for phase in ("lora", "full")
+    )  # 4 matrices, half each
     lora = main["lora"]
     assert lora["totals"] == lora["reference_totals"]
     assert lora["alert_step"] == lora["report_step"] == lora["global_step"] == other["lora"]["global_step"] == 2
@@ -121,14 +134,18 @@ def test_fsdp2_two_processes_gather_measure_once_and_stop_together(tmp_path):
     main, other = run_sharded("fsdp_script.py", tmp_path, "fsdp", "tb")
     assert not main["lora"]["forgetting_proxy"]  # turned off: a forward on rank 0 alone would hang
     names = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")]
-    assert main["faults"]["lenient"] == [names[0], names[1], names[2], names[3]]  # 2 errors, then 2 measured layers
-    assert main["faults"]["strict"] == "raised: simulated failure while measuring"
-    assert other["faults"] == {"lenient": None, "strict": None}  # rank 1 walked every gather in both cases
+    assert main["faults"]["lenient"] == {"errors": names[:2], "layers": names[2:]}  # on rank 0 and rank 1
+    assert other["faults"]["lenient"] is None
+    for rank in (main, other):  # raised on every rank, after the round, with both ranks' failures
+        assert rank["faults"]["strict"].startswith("raised: measurement failed on rank 0: RuntimeError: simulated")
+        assert "rank 1: RuntimeError: gathering the sharded weights failed" in rank["faults"]["strict"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
     events.Reload()  # pictures need pretrained spectra: kept at the gathered snapshot, so drawing them gathers nothing
     assert "spectral/intruder_grid" in events.Tags()["images"]
+    drawn = {tag.removeprefix("spectral/cosine/") for tag in events.Tags()["images"] if "/cosine/" in tag}
+    assert drawn == set(main["lora"]["counts"])  # every layer, though each rank measured only its half
     for messages in (main["fsdp1"], other["fsdp1"]):
         assert len(messages) == 2 and all(m and "FSDP1" in m and "FSDP2" in m for m in messages)
 
@@ -176,3 +193,20 @@ def test_split_across_ranks_is_deterministic_and_balanced_by_snapshot_cost():
     attention = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096)] * 8  # q, k, v, o of 8 layers
     _, load = loads(attention, 4)
     assert max(load) <= 4 / 3 * sum(load) / 4  # Graham's bound; every 4th matrix (one kind per rank) is 1.9x
+
+
+def test_two_nodes_run_the_same_split(tmp_path):
+    """Multi-node is the same code: ``torchrun --nnodes 2`` (one process per "node", a c10d rendezvous on this
+    machine) runs the FSDP2 split of a Llama-shaped model (GQA, LoRA on all seven kinds); each node snapshots and
+    measures its share and the counts equal a float64 recount of the gathered weights."""
+    out = tmp_path / "ranks.json"
+    script = HERE.parent / "benchmarks" / "bench_sharded.py"
+    command = [sys.executable, str(script), "--nnodes", "2", "--layers", "1", "--hidden", "128", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = json.loads(out.read_text())["2"]
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["node"] for r in ranks} == {"0", "1"}
+    assert all(r["snapshots"] > 0 for r in ranks) and sum(r["snapshots"] for r in ranks) == 7
+    main = ranks[0]
+    assert main["errors"] == {} and main["uncertain"] == 0
+    assert main["counts"] == main["reference"] and len(main["counts"]) == 7

@@ -28,8 +28,8 @@ class SpectralCallback(pl.Callback):
     ``spectral/intruder_sigma_ratio``) go to every logger of the Trainer at the measured step, and are readable
     from ``trainer.callback_metrics``; pass ``writer=TensorBoardWriter(dir)`` for every per-layer tag and
     histogram. On an alert, ``trainer.should_stop`` is set on every rank together (the strategy's own
-    ``reduce_boolean_decision``, as ``EarlyStopping`` does). Only rank 0 measures (sharded strategies: all ranks
-    take part). The schedule and patience are saved in checkpoints, so a resumed fit continues them.
+    ``reduce_boolean_decision``, as ``EarlyStopping`` does). Only rank 0 measures (sharded strategies: every rank
+    measures its share). The schedule and patience are saved in checkpoints, so a resumed fit continues them.
 
     Args:
         every_n_steps: Measure every N optimizer steps.

@@ -30,7 +30,7 @@ class SpectralSchedule:
     """Measure a model at step 0, every ``every_n_steps`` optimizer steps and at the end; record; decide on alerts.
 
     Only the main process measures (and holds the pretrained bases), unless the model's weights are sharded, when
-    every rank must take part in each measurement (``SpectralMonitor.collective``). :meth:`measure` returns the
+    every rank measures its share of the matrices (``SpectralMonitor.collective``). :meth:`measure` returns the
     *local* stop decision; the caller makes the ranks agree (Lightning: ``strategy.reduce_boolean_decision``).
 
     Args:
