@@ -9,8 +9,8 @@ Two schemes are read:
 
 Either gather is a **collective**: every rank must gather the same parameters in the same order, or training
 hangs. The monitor therefore gathers one matrix at a time on every rank (see ``SpectralMonitor.measure``), and
-measures each on the one rank that owns it: inside :func:`gathered_on`, an FSDP2 shard is gathered onto that rank
-alone (each matrix's bytes cross the network once, not to every rank).
+measures each on the one rank that owns it: inside :func:`gathered_on`, an FSDP2 shard or a ZeRO-3 partition is
+gathered onto that rank alone (each matrix's bytes travel once, to its owner, not to every rank).
 
 FSDP1 (``FullyShardedDataParallel``, flat parameters) hides the weights behind its own whole-model gather
 context; it is refused with a clear error instead of measuring flat shards.
@@ -47,9 +47,9 @@ def _is_zero3(t: Tensor) -> bool:
 
 @contextmanager
 def gathered_on(rank: int) -> Iterator[None]:
-    """Inside, :func:`full` gathers an FSDP2 shard (a ``DTensor`` sharded by rows over one mesh dimension) onto
-    ``rank`` alone; the other ranks get a ``meta`` tensor of the whole shape, to drop. Other layouts are gathered
-    onto every rank as usual."""
+    """Inside, :func:`full` gathers an FSDP2 shard (a ``DTensor`` sharded by rows over one mesh dimension) or a
+    partitioned ZeRO-3 parameter onto ``rank`` alone, with one ``gather``; the other ranks get a ``meta`` tensor of
+    the whole shape, to drop. Other layouts are gathered onto every rank as usual."""
     _destination.rank = rank
     try:
         yield
@@ -66,6 +66,9 @@ def full(t: Tensor) -> Tensor:
             return _gather_rows(t, destination)
         return t.full_tensor()  # type: ignore[attr-defined]  # a DTensor
     if _is_zero3(t):
+        destination = getattr(_destination, "rank", None)
+        if destination is not None and _partitioned_over(t, destination):
+            return _gather_partitions(t, destination)
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
@@ -96,6 +99,29 @@ def _gather_rows(t: Tensor, rank: int) -> Tensor:
     if parts is None:
         return torch.empty(t.shape, dtype=t.dtype, device="meta")
     return torch.cat(parts)[:rows]
+
+
+def _partitioned_over(t: Tensor, rank: int) -> bool:
+    """A ZeRO-3 parameter partitioned now (its data empty, its partition ``ds_tensor`` in memory, not swapped out)
+    over a group that holds ``rank``."""
+    part = getattr(t, "ds_tensor", None)
+    group = getattr(t, "ds_process_group", None)
+    if part is None or t.numel() != 0 or part.numel() != getattr(part, "ds_numel", -1):
+        return False
+    return rank in torch.distributed.get_process_group_ranks(group)
+
+
+def _gather_partitions(t: Tensor, rank: int) -> Tensor:
+    """A ZeRO-3 parameter gathered onto ``rank`` (its ranks' equal, padded partitions of the flattened tensor, in
+    group order); a ``meta`` tensor of the whole shape elsewhere."""
+    part, group = t.ds_tensor, t.ds_process_group  # type: ignore[attr-defined]  # DeepSpeed's attributes
+    mine = torch.distributed.get_rank() == rank
+    parts = [torch.empty_like(part) for _ in range(torch.distributed.get_world_size(group))] if mine else None
+    torch.distributed.gather(part.detach(), parts, dst=rank, group=group)
+    shape = logical_shape(t)
+    if parts is None:
+        return torch.empty(shape, dtype=t.dtype, device="meta")
+    return torch.cat(parts)[: shape.numel()].view(shape)
 
 
 def logical_shape(t: Tensor) -> Size:

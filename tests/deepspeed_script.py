@@ -16,7 +16,15 @@ import sys
 import deepspeed
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dist_common import Counting, full_phase, lora_tiny_bert, measured_phase, stop_rule_callback, tiny_trainer
+from dist_common import (
+    Counting,
+    count_owner_gathers,
+    full_phase,
+    lora_tiny_bert,
+    measured_phase,
+    stop_rule_callback,
+    tiny_trainer,
+)
 
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
@@ -58,12 +66,14 @@ def lora_phase(stage=3):
     return result
 
 
+owner_gathers = count_owner_gathers("_gather_partitions")
 results = {
     "rank": rank,
     "world_size": int(os.environ["WORLD_SIZE"]),
     "lora": lora_phase(),
     "full": full_phase(Counting, out, functools.partial(train, name="full"), rank),
     "zero2": lora_phase(stage=2),
+    "owner_gathers": len(owner_gathers),
 }
 with open(os.path.join(out, f"zero3_{rank}.json"), "w") as f:
     json.dump(results, f)

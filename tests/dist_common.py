@@ -86,3 +86,18 @@ def full_phase(callback_class, out: str, train, rank: int) -> dict:
         strict=True,
     )
     return measured_phase("full", pretrained, callback, 4, 1e-2, train, rank)
+
+
+def count_owner_gathers(name: str) -> list:
+    """Record every gather onto one owner (``lora_spectral_callback.sharding.<name>``) this rank takes part in."""
+    from lora_spectral_callback import sharding
+
+    calls: list = []
+    real = getattr(sharding, name)
+
+    def counted(t, rank):
+        calls.append(rank)
+        return real(t, rank)
+
+    setattr(sharding, name, counted)
+    return calls

@@ -19,7 +19,14 @@ from torch.distributed.fsdp import fully_shard
 from transformers import TrainerControl, TrainerState
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dist_common import full_phase, lora_tiny_bert, measured_phase, record_measurements, stop_rule_callback
+from dist_common import (
+    count_owner_gathers,
+    full_phase,
+    lora_tiny_bert,
+    measured_phase,
+    record_measurements,
+    stop_rule_callback,
+)
 from helpers import RandomTokens, tiny_bert
 
 from lora_spectral_callback import LoRASpectralCallback
@@ -135,6 +142,7 @@ def fsdp1_refused():
     return messages
 
 
+owner_gathers = count_owner_gathers("_gather_rows")
 results = {
     "rank": rank,
     "world_size": dist.get_world_size(),
@@ -142,6 +150,7 @@ results = {
     "full": full_phase(LoRASpectralCallback, out, train, rank),
     "faults": faults_phase(),
     "fsdp1": fsdp1_refused(),
+    "owner_gathers": len(owner_gathers),
 }
 with open(os.path.join(out, f"fsdp{rank}.json"), "w") as f:
     json.dump(results, f)

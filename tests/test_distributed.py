@@ -123,6 +123,7 @@ def run_sharded(script: str, tmp_path: Path, prefix: str, tb: str, **env_extra: 
     assert lora["alert_step"] == lora["report_step"] == lora["global_step"] == other["lora"]["global_step"] == 2
     assert lora["asynchronous"] is False  # turned off: a background gather on rank 0 alone would hang
     assert main["full"]["report_step"] == main["full"]["global_step"] == other["full"]["global_step"] == 4
+    assert main["owner_gathers"] == other["owner_gathers"] > 0  # shards gathered onto their owner alone
     for run in (tb, "tb-full"):
         assert len(list((tmp_path / run).rglob("events*"))) == 1  # only the main process wrote TensorBoard
     return main, other
