@@ -120,6 +120,7 @@ def test_tracker_store_equals_log_history_and_tensorboard(tracked_run, tracker):
             assert float(np.float32(value)) == tensorboard[step], (tag, step)  # TensorBoard keeps float32
 
 
+@pytest.mark.slow  # a second child process; the default suite keeps the run above
 def test_trackers_only_without_tensorboard(tmp_path):
     pytest.importorskip("mlflow", reason="mlflow is not installed")
     result = run_script(tmp_path, ["mlflow"], "--no-tensorboard")

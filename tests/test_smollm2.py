@@ -161,6 +161,7 @@ def test_cli_on_the_saved_adapter_gives_the_last_measurement(lora_run, smollm2, 
     }
 
 
+@pytest.mark.slow  # one more SFT; DoRA's row scaling is checked on small models in test_peft_variants.py
 def test_dora_equals_float64_recount(smollm2, tmp_path):
     trainer, callback = short_sft(smollm2, tmp_path, peft_config=sft.lora_config(use_dora=True, layers=[0, 15, 29]))
     report = callback.last_report
