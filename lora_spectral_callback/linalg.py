@@ -294,6 +294,7 @@ def top_singular_triplets(
     max_block: int | None = None,
     needed_accuracy: Callable[[Tensor], Tensor] | None = None,
     generator: torch.Generator | None = None,
+    checksum: float | None = None,
 ) -> TopSVD:
     """Top-k singular triplets of ``M`` by warm-started block Krylov iteration with Rayleigh-Ritz.
 
@@ -317,7 +318,8 @@ def top_singular_triplets(
     ``8 * (k + oversample)``) is thick-restarted from its top half of Ritz vectors, which costs no product. A space
     that would span ``min(m, n)`` columns is replaced by a dense float64 SVD, exact and cheaper at that size.
     ``converged`` is False if ``max_iter`` steps ended the iteration, or ``stall_patience`` steps without a 10%
-    smaller bound (singular values too close for working precision to separate them).
+    smaller bound (singular values too close for working precision to separate them). ``checksum``: ``float(W0.sum())``
+    when the caller has it already (a finiteness test), which spares a pass over ``W0``.
     """
     m, n = M.shape
     k = min(k, m, n)
@@ -328,7 +330,7 @@ def top_singular_triplets(
     floor = _rounding(m, M.W0.dtype, M.W0.device)
     best, stalled, worst = float("inf"), 0, float("inf")
     space = _Space(M)
-    checksum = _checksum(M.W0) if space.split else None
+    checksum = (_checksum(M.W0) if checksum is None else checksum) if space.split else None
     if (
         isinstance(start, KrylovSpace)
         and start.W0tQ is not None

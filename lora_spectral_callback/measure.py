@@ -21,7 +21,13 @@ from torch import Tensor, nn
 
 from .config import DTYPES, SpectralConfig
 from .guard import FaultGuard, NonFinite
-from .linalg import KrylovSpace, TopSVD, exact_top_singular_triplets, top_singular_triplets
+from .linalg import (
+    KrylovSpace,
+    LowRankUpdatedMatrix,
+    TopSVD,
+    exact_top_singular_triplets,
+    top_singular_triplets,
+)
 from .matrix import WeightMatrix
 from .metrics import (
     all_finite,
@@ -38,7 +44,7 @@ from .ranks import GatherFailed
 from .report import LayerReport, SpectralReport, eps_key
 from .snapshot import LayerState
 
-__all__ = ["EXACT_BASIS_BYTES", "Decomposition", "Measurer", "decompose", "float64_basis"]
+__all__ = ["EXACT_BASIS_BYTES", "Decomposition", "Measurer", "decompose", "float64_basis", "pretrained_decomposition"]
 
 EXACT_BASIS_BYTES = 1 << 30  # float64 bases kept for threshold decisions (a 4096 x 4096 one is 128 MiB)
 
@@ -64,6 +70,7 @@ def decompose(
     warm_start: KrylovSpace | None = None,
     generator_for: Callable[[torch.device], torch.Generator] | None = None,
     exact_basis: Callable[[], Tensor] | None = None,
+    pretrained_sv: Tensor | None = None,
 ) -> Decomposition:
     """Top-k singular triplets of ``matrix``'s merged weight (in ``config.compute_dtype``) and their max |cos| with
     ``basis``, the thin left singular basis of its pretrained weight.
@@ -85,6 +92,9 @@ def decompose(
             ``config.seed``); the global RNG is never touched.
         exact_basis: Gives the float64 thin left singular basis of the pretrained weight when a decision needs it
             (default: a float64 LAPACK SVD of ``matrix.base_weight()``, computed then).
+        pretrained_sv: The pretrained weight's singular values from the same snapshot as ``basis``: while the update
+            is exactly zero (LoRA's B = 0 at step 0) the merged weight *is* the pretrained one, and its decomposition
+            is taken from the snapshot (:func:`pretrained_decomposition`) instead of solved for.
 
     Raises:
         ValueError: A changed shape, or NaN/Inf in the weights (:class:`~.guard.NonFinite`).
@@ -107,7 +117,8 @@ def decompose(
     if shape is not None and W0.shape != shape:
         raise ValueError(f"weight shape {tuple(W0.shape)} no longer matches the snapshot {tuple(shape)}")
     W0 = W0.to(DTYPES[config.compute_dtype])
-    if not all_finite(W0):
+    checksum = float(W0.sum())  # the finiteness test's sum doubles as the solver's fingerprint of W0
+    if not math.isfinite(checksum) and not all_finite(W0):
         raise NonFinite("base weight contains NaN or Inf")
     op = matrix.operator(W0)
     if op.B is not None and op.A is not None and not (all_finite(op.B) and all_finite(op.A)):
@@ -116,6 +127,8 @@ def decompose(
         raise NonFinite("DoRA row scale contains NaN or Inf")
     if op.W0 is not W0 and not all_finite(op.W0):  # a dense merged weight (full fine-tuning)
         raise NonFinite("fine-tuned weight contains NaN or Inf")
+    if pretrained_sv is not None and zero_update(op, W0):
+        return pretrained_decomposition(op, basis, pretrained_sv, config, warm_start)
 
     slack = basis_rounding_error(basis.dtype) + split_rounding(W0.device, W0.dtype)  # + TF32's share
     epsilons = torch.tensor(config.epsilons, dtype=W0.dtype, device=W0.device)
@@ -144,6 +157,7 @@ def decompose(
             max_iter=config.max_iter,
             needed_accuracy=margin,
             generator=(generator_for or _seeded(config.seed))(W0.device),
+            checksum=checksum if op.W0 is W0 else None,  # a dense merged weight (full fine-tuning) is not W0
         )
     max_cos = cosines["max_cos"] if cosines.get("U") is svd.U else max_abs_cosine(svd.U, basis)
     if not torch.isfinite(svd.S).all():
@@ -152,6 +166,28 @@ def decompose(
     if result.uncertain and (W0.dtype != torch.float64 or basis.dtype != torch.float64):
         return _resolve(matrix, config, result, exact_basis or (lambda: float64_basis(matrix)), generator_for)
     return result
+
+
+def pretrained_decomposition(
+    op: LowRankUpdatedMatrix,
+    basis: Tensor,
+    pretrained_sv: Tensor,
+    config: SpectralConfig,
+    warm_start: KrylovSpace | None,
+) -> Decomposition:
+    """The decomposition of a merged weight equal to the pretrained one, from its snapshot: the top-k left vectors are
+    the basis' first k columns (max |cos| 1: no intruders), the singular values those of the snapshot's decomposition,
+    exactly W0's; the right vectors ``W0^T u / sigma`` (one thin product). The next solve starts from ``warm_start``
+    or, as a first measurement would, from the top pretrained vectors."""
+    W0 = op.W0
+    k = min(config.top_k, basis.shape[1])
+    U = basis[:, :k].to(W0.device, W0.dtype)
+    S = pretrained_sv[:k].to(W0.device, W0.dtype)
+    V = op.rmatmul(U)
+    V = V / torch.linalg.vector_norm(V, dim=0).clamp_min(torch.finfo(V.dtype).tiny)
+    block = warm_start or KrylovSpace(basis[:, : config.top_k + config.oversample].to(W0.device, W0.dtype))
+    zeros = torch.zeros(k, dtype=W0.dtype, device=W0.device)
+    return Decomposition(TopSVD(U, S, V, zeros, 0, True, block), torch.ones_like(zeros), 0)
 
 
 def float64_basis(matrix: WeightMatrix) -> Tensor:
@@ -184,7 +220,11 @@ def _seeded(seed: int) -> Callable[[torch.device], torch.Generator]:
 def unchanged(matrix: WeightMatrix, dtype: torch.dtype) -> bool:
     """Whether the merged weight is exactly the pretrained one (no update yet, as at step 0 of LoRA)."""
     W0 = matrix.base_weight().detach().to(dtype)
-    op = matrix.operator(W0)
+    return zero_update(matrix.operator(W0), W0)
+
+
+def zero_update(op: LowRankUpdatedMatrix, W0: Tensor) -> bool:
+    """Whether the operator built around ``W0`` is exactly ``W0``: its update is exactly zero."""
     if op.row_scale is not None:  # DoRA's m / ||W0||_row is 1 only up to rounding
         return False
     if op.W0 is not W0:  # a dense merged weight (full fine-tuning)
@@ -239,6 +279,7 @@ class Measurer:
             warm_start=state.warm_start,
             generator_for=self.generator,
             exact_basis=lambda: self.exact_basis(matrix),
+            pretrained_sv=state.pretrained_sv,
         )
         state.warm_start, state.last_vectors = result.svd.block, result.svd.U
         return result

@@ -161,3 +161,34 @@ def test_final_report_and_pictures_cover_every_layer_when_the_snapshot_ends_last
     images.Reload()
     drawn = {tag.removeprefix("spectral/cosine/") for tag in images.Tags()["images"] if "/cosine/" in tag}
     assert drawn == set(per_layer)
+
+
+@pytest.mark.parametrize("shape", [(200, 160), (64, 96)])  # the solver's size and the dense SVD's
+def test_zero_update_with_a_basis_is_reported_from_the_snapshot(shape):
+    """B = 0 with the basis there: nothing is solved; the report is a float64 SVD of W0's, and pictures work."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(shape[1], shape[0])), LoraConfig(target_modules=["0"]))
+    monitor = SpectralMonitor(model, epsilon=EPS, progress=False, strict=True)
+    monitor.snapshot()
+    (layer,) = monitor.measure(0).layers.values()
+    (W0,) = weights(model)[0].values()
+    S = torch.linalg.svdvals(W0.double())
+    assert layer.iterations == 0 and layer.converged and layer.uncertain == 0
+    assert layer.max_cos == [1.0] * 10 and layer.intruders_by_epsilon == {"0.5": 0, "0.7": 0}
+    assert torch.allclose(torch.tensor(layer.singular_values, dtype=torch.float64), S[:10], rtol=1e-6)
+    assert layer.pretrained_sigma1 == pytest.approx(float(S[0]), rel=1e-12)
+    assert layer.effective_rank == 0.0 and layer.intruder_energy_share == 0.0 and layer.intruder_sigma_ratio == 0.0
+    assert layer.first_intruder == 11
+    (spectra,) = monitor.spectra().values()  # the top vectors are the pretrained ones: |cos| is the identity
+    assert torch.allclose(
+        torch.tensor(spectra.cosines, dtype=torch.float64)[:, :10], torch.eye(10, dtype=torch.float64), atol=1e-3
+    )
+
+    with torch.no_grad():
+        model.base_model.model[0].lora_B["default"].weight.normal_(std=2.0)
+    report = monitor.measure(1)  # then solved, from the pretrained vectors as a cold start would
+    totals, _ = reference_counts(*weights(model), EPS)
+    assert {float(e): n for e, n in report.intruders_total_by_epsilon.items()} == totals
+    assert all(layer.converged for layer in report.layers.values())
