@@ -7,6 +7,7 @@ decoder layers and a small vocabulary, bf16 weights, PEFT LoRA r=16 on q, k, v, 
 public ``SpectralMonitor`` API, one monitor per matrix kind (``include=``), it measures:
 
 - the snapshot: seconds and bytes of stored basis (fp16) per matrix kind and per decoder layer;
+- the measurement at step 0, every update still exactly zero (B = 0): reported from the snapshot, nothing solved;
 - a first measurement of an already-trained adapter (cold), then, after every B drifted by ``--drift`` of its
   norm, a measurement in the steady state of training (warm): seconds per matrix kind and per layer;
 - extrapolated to Llama-3-8B's 32 layers (224 matrices), with the projected training overhead of measuring every
@@ -166,6 +167,11 @@ def main() -> None:
         rows[kind] = {"shape": shape, "snapshot_s": seconds / args.layers, "bytes": monitor.basis_bytes() / args.layers}
         print(f"snapshot {kind} {shape}: {rows[kind]['snapshot_s']:.1f} s per matrix", flush=True)
 
+    step0 = sum(timed(lambda m=monitor: m.measure(0)) for monitor in monitors.values())
+    print(f"measured step 0 (B = 0): {step0:.2f} s for {args.layers} layer(s)", flush=True)
+    for monitor in monitors.values():  # what follows is a first measurement of a trained adapter
+        for state in monitor.snapshots.layers.values():
+            state.warm_start = None
     train_adapters(model, args.update_scale, args.seed + 1)
     for phase in ("cold", "warm"):
         if phase == "warm":
