@@ -216,14 +216,17 @@ class Correlation:
     interval: tuple[float, float]  # bootstrap 95 % interval of the pooled value (NaN if undefined)
 
 
-def correlations(pts: list[dict], resamples: int = 2000, seed: int = 0) -> dict[str, Correlation]:
-    """Per predictor and kind: per-seed correlations (mean, sd), pooled value and its bootstrap 95 % interval."""
+def correlations(
+    pts: list[dict], resamples: int = 2000, seed: int = 0, predictors: tuple[str, ...] = PREDICTORS
+) -> dict[str, Correlation]:
+    """Per predictor and kind: per-seed correlations (mean, sd), pooled value and its bootstrap 95 % interval
+    (resampling points)."""
     seeds = sorted({p["seed"] for p in pts})
     rng = random.Random(seed)
     boot = [[rng.randrange(len(pts)) for _ in pts] for _ in range(resamples)]
     forgetting = [p["forgetting"] for p in pts]
     out: dict[str, Correlation] = {}
-    for name in PREDICTORS:
+    for name in predictors:
         x = [p[name] for p in pts]
         for kind, corr in (("spearman", spearman), ("pearson", pearson)):
             per_seed = [
