@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-EPSILONS = [0.3, 0.5, 0.7]
 
 
 def llama_lora(layers: int, hidden: int, seed: int):
@@ -73,8 +72,8 @@ def drift_sharded(model, amount: float, seed: int) -> None:
 
 
 @torch.no_grad()
-def float64_counts(model) -> dict[str, list[int]]:
-    """Intruders of every LoRA matrix at ``EPSILONS`` from float64 full SVDs of the gathered base weight and merged
+def float64_counts(model, epsilons: list[float]) -> dict[str, list[int]]:
+    """Intruders of every LoRA matrix at ``epsilons`` from float64 full SVDs of the gathered base weight and merged
     weight (the paper's Alg. 1, independent of the monitor). A collective: every rank gathers, rank 0 computes."""
     from bench_llama import lora_layers
 
@@ -89,7 +88,7 @@ def float64_counts(model) -> dict[str, list[int]]:
         U0 = torch.linalg.svd(W0, full_matrices=False).U
         U = torch.linalg.svd(W0 + layer.scaling["default"] * B @ A, full_matrices=False).U[:, :10]
         max_cos = (U0.T @ U).abs().max(dim=0).values
-        counts[name.removeprefix("base_model.model.")] = [int((max_cos < eps).sum()) for eps in EPSILONS]
+        counts[name.removeprefix("base_model.model.")] = [int((max_cos < eps).sum()) for eps in epsilons]
     return counts
 
 
@@ -108,7 +107,7 @@ def run_rank(args: argparse.Namespace) -> None:
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)
-    monitor = SpectralMonitor(model, epsilon=EPSILONS, progress=False)
+    monitor = SpectralMonitor(model, epsilon=args.epsilons, progress=False)
     snapshot_seconds = 0.0
     take = monitor.snapshots.take
 
@@ -138,7 +137,7 @@ def run_rank(args: argparse.Namespace) -> None:
         "cold_wall_s": walls[0],
         "warm_wall_s": walls[1],
     }
-    reference = float64_counts(model)
+    reference = float64_counts(model, args.epsilons)
     if rank == 0:
         report = reports[1]
         assert report is not None
@@ -153,6 +152,7 @@ def run_rank(args: argparse.Namespace) -> None:
         owned = [
             [m.name for m, o in zip(monitor.matrices, monitor.owners, strict=True) if o == r] for r in range(world)
         ]
+        result["slowest_warm_s"] = max(layer.seconds for layer in report.layers.values())
         result["warm_compute_s"] = [sum(report.layers[name].seconds for name in names) for names in owned]
     (Path(args.rank_out) / f"rank{rank}.json").write_text(json.dumps(result))
     torch.distributed.destroy_process_group()
@@ -168,6 +168,7 @@ def launch(world: int, nnodes: int, args: argparse.Namespace, out: str) -> list[
     """Run ``world`` ranks (on ``nnodes`` "nodes" of this machine) and return their results, in rank order."""
     rank_args = [str(HERE / "bench_sharded.py"), "--rank-out", out, "--layers", str(args.layers)]
     rank_args += ["--hidden", str(args.hidden), "--drift", str(args.drift), "--seed", str(args.seed)]
+    rank_args += ["--epsilons", *map(str, args.epsilons)]
     run = [sys.executable, "-m", "torch.distributed.run"]
     env = dict(
         os.environ,
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--drift", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--rank-out", help=argparse.SUPPRESS)  # set by launch(): run one rank
     parser.add_argument("--json", help="write every rank's results here")
     args = parser.parse_args()
@@ -207,12 +209,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             rows[world] = launch(world, args.nnodes, args, out)
     print(f"\ntorch {torch.__version__}, gloo, 1 thread per rank, {os.cpu_count()} CPUs, {args.layers} layer(s) hidden")
-    print(f"{args.hidden}, LoRA r=16 on 7 kinds ({rows[worlds[0]][0]['matrices']} matrices), drift {args.drift:.0%}\n")
+    print(
+        f"{args.hidden}, LoRA r=16 on 7 kinds ({rows[worlds[0]][0]['matrices']} matrices), drift {args.drift:.0%}, epsilon {args.epsilons}\n"
+    )
     print(
         "| world | nodes | snapshots per rank | basis MiB per rank (max) | snapshot s per rank (max) "
-        "| cold wall s | warm wall s | warm compute s per rank (max) | counts = float64 recount |"
+        "| cold wall s | warm wall s | warm compute s per rank (max) | slowest matrix s (warm) | float64 passes (warm) "
+        "| counts = float64 recount |"
     )
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---|")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     one = rows[worlds[0]]
     for world, ranks in rows.items():
         main_rank = ranks[0]
@@ -221,7 +226,7 @@ def main() -> None:
             f"| {world} | {len({r['node'] for r in ranks})} | {'/'.join(str(r['snapshots']) for r in ranks)} "
             f"| {max(r['basis_bytes'] for r in ranks) / 2**20:.1f} | {max(r['snapshot_s'] for r in ranks):.1f} "
             f"| {main_rank['cold_wall_s']:.2f} | {main_rank['warm_wall_s']:.2f} | {max(main_rank['warm_compute_s']):.2f} "
-            f"| {'yes' if exact else 'NO'} |"
+            f"| {main_rank['slowest_warm_s']:.2f} | {main_rank['resolved']} | {'yes' if exact else 'NO'} |"
         )
     if 1 in rows and len(rows) > 1:
         for world, ranks in rows.items():

@@ -111,13 +111,14 @@ class BasisStore:
         return self._settled(U0, W0.device), S
 
     def _placed(self, U0: Tensor, compute: torch.device) -> Tensor:
-        """``U0`` in the storage dtype on the storage device: pinned when it is the CPU and the weight is on CUDA
-        (a copy from pageable memory is staged through a bounce buffer and blocks the host; from pinned memory it
-        runs asynchronously, ordered on the stream like any kernel)."""
+        """``U0`` in the storage dtype on the storage device, row-major (LAPACK returns it column-major; the cosine
+        pass reads it in chunks of rows): pinned when it is the CPU and the weight is on CUDA (a copy from pageable
+        memory is staged through a bounce buffer and blocks the host; from pinned memory it runs asynchronously,
+        ordered on the stream like any kernel)."""
         if self.device == "cpu" and compute.type == "cuda":
             pinned = torch.empty(U0.shape, dtype=self.dtype, pin_memory=True)
             return pinned.copy_(U0.to(self.dtype), non_blocking=True)  # completed by _settled
-        return U0.to(self.device, self.dtype)
+        return U0.to(self.device, self.dtype, memory_format=torch.contiguous_format)
 
     @staticmethod
     def _settled(U0: Tensor, compute: torch.device) -> Tensor:

@@ -203,12 +203,20 @@ def _resolve(
     exact_basis: Callable[[], Tensor],
     generator_for: Callable[[torch.device], torch.Generator] | None,
 ) -> Decomposition:
-    """Settle the decisions ``rough`` left uncertain: the same matrix decomposed in float64 (cold start, factors and
-    base weight in float64) against a float64 basis, where the bound and the basis are ~1e-15 wide instead of the
-    ~1e-7 of float32 and 4.9e-4 of a float16 basis. The triplets and cosines of that pass replace the rough ones (the
-    counts are then a float64 full SVD's); the rough search space is kept to warm-start the next measurement in
-    the working precision."""
-    fine = decompose(matrix, exact_basis(), replace(config, compute_dtype="float64"), generator_for=generator_for)
+    """Settle the decisions ``rough`` left uncertain: the same matrix decomposed in float64 (factors and base weight
+    in float64) against a float64 basis, where the bound and the basis are ~1e-15 wide instead of the ~1e-7 of
+    float32 and 4.9e-4 of a float16 basis. It starts from ``rough``'s search space, already within fp32 of the
+    answer, so it takes a step or a few. The triplets and cosines of that pass replace the rough ones (the counts
+    are then a float64 full SVD's); the rough search space is kept to warm-start the next measurement in the
+    working precision."""
+    start = KrylovSpace(rough.svd.block.Q.double())
+    fine = decompose(
+        matrix,
+        exact_basis(),
+        replace(config, compute_dtype="float64"),
+        warm_start=start,
+        generator_for=generator_for,
+    )
     svd = replace(fine.svd, block=rough.svd.block)
     return Decomposition(svd, fine.max_cos, fine.uncertain, rough.uncertain - fine.uncertain)
 
