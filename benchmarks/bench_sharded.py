@@ -16,8 +16,12 @@ model wrapped with ``fully_shard`` on gloo CPU processes, one intra-op thread ea
 ``--nnodes 2`` runs world 2 as two single-process "nodes" rendezvousing on this machine (``torchrun --nnodes 2``
 with a local c10d endpoint), the multi-node path::
 
-    python benchmarks/bench_sharded.py --worlds 1 2 4 --layers 2
+    python benchmarks/bench_sharded.py --worlds 1 2 4 --layers 2 --epsilons 0.5
+    python benchmarks/bench_sharded.py --worlds 1 2 4 --layers 2      # epsilon 0.3 / 0.5 / 0.7
     python benchmarks/bench_sharded.py --nnodes 2 --layers 1 --hidden 256
+
+The table also gives the warm measurement's slowest matrix and its float64 passes (a decision closer to a threshold
+than fp32 can place, :func:`lora_spectral_callback.measure.decompose`): one matrix's pass is not divided by the split.
 """
 
 from __future__ import annotations
