@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from dist_common import (
     Counting,
     count_owner_gathers,
+    finish,
     full_phase,
     lora_tiny_bert,
     measured_phase,
@@ -77,4 +78,4 @@ results = {
 }
 with open(os.path.join(out, f"zero3_{rank}.json"), "w") as f:
     json.dump(results, f)
-deepspeed.comm.destroy_process_group()
+finish(deepspeed.comm.destroy_process_group)

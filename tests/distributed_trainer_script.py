@@ -15,7 +15,16 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dist_common import EPS, Counting, full_phase, lora_tiny_bert, measured_phase, stop_rule_callback, tiny_trainer
+from dist_common import (
+    EPS,
+    Counting,
+    finish,
+    full_phase,
+    lora_tiny_bert,
+    measured_phase,
+    stop_rule_callback,
+    tiny_trainer,
+)
 from helpers import recount_run, tiny_bert
 
 out = sys.argv[1]
@@ -57,4 +66,4 @@ resume = functools.partial(train_full, resume=os.path.join(out, "full", "checkpo
 result["resumed"] = measured_phase("full", tiny_bert(hidden=64), resumed, 4, 1e-2, resume, rank)
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
-torch.distributed.destroy_process_group()  # without it a rank sometimes aborted at exit ("terminate called ...")
+finish(torch.distributed.destroy_process_group)

@@ -21,6 +21,7 @@ from transformers import TrainerControl, TrainerState
 sys.path.insert(0, os.path.dirname(__file__))
 from dist_common import (
     count_owner_gathers,
+    finish,
     full_phase,
     lora_tiny_bert,
     measured_phase,
@@ -154,4 +155,4 @@ results = {
 }
 with open(os.path.join(out, f"fsdp{rank}.json"), "w") as f:
     json.dump(results, f)
-dist.destroy_process_group()
+finish(dist.destroy_process_group)
