@@ -80,8 +80,8 @@ class LowRankUpdatedMatrix:
         return X
 
     def base_matmul(self, X: Tensor) -> Tensor:
-        """``W0 @ X``, as ``(X^T W0^T)^T``: the BLAS kernel for a thin left operand streams W0 faster on CPU (1 thread,
-        4096^2 fp32: 10 ms instead of 22 ms for 8 columns, 14 ms instead of 18 ms for 20)."""
+        """``W0 @ X``, as ``(X^T W0^T)^T``: for thin X, MKL's kernel for a thin left operand streams W0 faster on CPU
+        than the one for a thin right operand (the warm measurements of ``benchmarks/bench_detection.py``)."""
         return mm(X.T, self.W0.T).T
 
     def base_rmatmul(self, Y: Tensor) -> Tensor:

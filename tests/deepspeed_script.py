@@ -9,7 +9,6 @@ gathered final weights.
 """
 
 import functools
-import json
 import os
 import sys
 
@@ -76,6 +75,4 @@ results = {
     "zero2": lora_phase(stage=2),
     "owner_gathers": len(owner_gathers),
 }
-with open(os.path.join(out, f"zero3_{rank}.json"), "w") as f:
-    json.dump(results, f)
-finish(deepspeed.comm.destroy_process_group)
+finish(results, os.path.join(out, f"zero3_{rank}.json"))

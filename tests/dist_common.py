@@ -4,7 +4,9 @@ models, the measurement counters, and the phases whose numbers rank 0 checks aga
 from __future__ import annotations
 
 import copy
+import json
 import os
+import sys
 
 from helpers import recount_run, tiny_bert
 from peft import LoraConfig, get_peft_model
@@ -103,14 +105,16 @@ def count_owner_gathers(name: str) -> list:
     return calls
 
 
-def finish(destroy) -> None:
-    """End a rank once its results are written: ``destroy`` the process group, then leave without interpreter
-    teardown. A rank sometimes aborted in teardown ("terminate called without an active exception", about 1 run in
-    10-30, the DDP and ZeRO-3 scripts) after its results were written; a thread still inside C++ code when the
-    interpreter finalizes is forced to unwind there, which is the suspected cause (not proven)."""
-    import sys
+def finish(results: dict, path: str) -> None:
+    """End a rank: write its ``results`` (JSON) to ``path``, destroy the process group, and leave without
+    interpreter teardown. A rank sometimes aborted in teardown ("terminate called without an active exception",
+    about 1 run in 10-30, the DDP and ZeRO-3 scripts) after its results were written; a thread still inside C++ code
+    when the interpreter finalizes is forced to unwind there, which is the suspected cause (not proven)."""
+    import torch.distributed as dist
 
-    destroy()
+    with open(path, "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

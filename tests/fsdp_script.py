@@ -7,7 +7,6 @@ Each rank writes ``fsdp<N>.json`` to argv[1]: what it measured, where it stopped
 recount of the gathered final weights.
 """
 
-import json
 import os
 import sys
 from datetime import timedelta
@@ -153,6 +152,4 @@ results = {
     "fsdp1": fsdp1_refused(),
     "owner_gathers": len(owner_gathers),
 }
-with open(os.path.join(out, f"fsdp{rank}.json"), "w") as f:
-    json.dump(results, f)
-finish(dist.destroy_process_group)
+finish(results, os.path.join(out, f"fsdp{rank}.json"))
