@@ -10,7 +10,14 @@ Each row is a check that passes only if its counts equal a float64 recount (or i
    counts equal to a float64 recount, CPU bases pinned;
 5. a QLoRA SFT (nf4, ``bnb_4bit_quant_storage=bfloat16`` as FSDP-QLoRA stores it) of a tiny random-init Llama built
    from a config (no download), a few Trainer steps with the callback: the last report's counts equal a float64
-   recount on the weights bitsandbytes dequantizes.
+   recount on the weights bitsandbytes dequantizes;
+6. training overhead on a SmolLM2-135M-shaped Llama (random init from its config: 30 layers, LoRA r=16 on the 210
+   linear layers, bf16, 8 x 256 random tokens per step), ``--overhead-steps`` Trainer steps without the callback,
+   with it (``every_n_steps=50``) and with ``asynchronous=True``, in one process: wall times and the time spent
+   inside the callback's Trainer events;
+7. a profile (``torch.profiler``, CPU and CUDA) of one cold and one warm measurement of a Llama-3-8B-shaped q_proj
+   (4096 x 4096, bf16, LoRA r=16, ``bench_llama.py``'s adapters): the operators that take the time, with the
+   layer's solver steps and float64-resolved decisions.
 
 On a GPU (the intended use; the script has not been run on one yet)::
 
@@ -74,6 +81,7 @@ def detection(basis_device: str) -> Callable[[argparse.Namespace], tuple[str, bo
 def llama(args: argparse.Namespace) -> tuple[str, bool]:
     command = [sys.executable, "benchmarks/bench_llama.py", "--layers", "2", "--device", args.device]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    print(done.stdout, flush=True)  # the per-kind tables, for the timings page
     total = [line for line in done.stdout.splitlines() if line.startswith("| **one layer**")]
     ok = done.returncode == 0 and "(not converged)" not in done.stdout
     return (total[0] if total else done.stderr.strip()[-200:]), ok
@@ -173,10 +181,100 @@ def qlora_sft(args: argparse.Namespace) -> tuple[str, bool]:
     return result, ok
 
 
+def smollm2_shaped_overhead(args: argparse.Namespace) -> tuple[str, bool]:
+    from bench_training_overhead import timed_callback
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    small = args.quick or not args.device.startswith("cuda")
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=4 if small else 30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    steps, batch, length = (4, 2, 32) if small else (args.overhead_steps, 8, 256)
+    data = RandomTokens(n=steps * batch, length=length, vocab=config.vocab_size, causal=True)
+    kinds = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    def train(callback) -> float:
+        torch.manual_seed(0)
+        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=16, lora_alpha=32, target_modules=kinds))
+        on_gpu = args.device.startswith("cuda")
+        with tempfile.TemporaryDirectory() as out:
+            training = TrainingArguments(
+                output_dir=out,
+                max_steps=steps,
+                learning_rate=1e-3,
+                per_device_train_batch_size=batch,
+                save_strategy="no",
+                logging_strategy="no",
+                report_to=[],
+                bf16=on_gpu,
+                use_cpu=not on_gpu,
+                disable_tqdm=True,
+            )
+            trainer = Trainer(model=model, args=training, train_dataset=data, callbacks=[callback] if callback else [])
+            if on_gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            trainer.train()
+            if on_gpu:
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+    every = 2 if small else 50
+    train(None)  # warm-up: CUDA context, kernels, allocator
+    without = train(None)
+    parts = [f"{steps} steps, without {without:.1f} s"]
+    ok = True
+    for asynchronous in (False, True):
+        callback = timed_callback(every_n_steps=every, progress=False, asynchronous=asynchronous)
+        wall = train(callback)
+        report = callback.last_report
+        ok = ok and report is not None and not report.errors and len(report.layers) == 7 * config.num_hidden_layers
+        label = "async" if asynchronous else "sync"
+        last = sum(layer.seconds for layer in report.layers.values()) if report else float("nan")
+        parts.append(
+            f"{label} {wall:.1f} s ({100 * (wall / without - 1):+.1f} %, inside {callback.inside:.1f} s = "
+            f"{100 * callback.inside / without:.1f} %, last measurement {last:.2f} s)"
+        )
+    return "; ".join(parts), ok
+
+
+def profile_measurement(args: argparse.Namespace) -> tuple[str, bool]:
+    from bench_llama import drift, llama_lora, train_adapters
+    from torch.profiler import ProfilerActivity, profile
+
+    model = llama_lora(1, args.device, 0)
+    monitor = SpectralMonitor(model, include=r"\.q_proj$", epsilon=EPSILONS, progress=False)
+    monitor.snapshot()
+    train_adapters(model, 1.0, 1)
+    parts, ok = [], True
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    for phase in ("cold", "warm"):
+        if phase == "warm":
+            drift(model, 0.05, 2)
+        with profile(activities=activities) as prof:
+            report = monitor.measure(1)
+        layer = next(iter(report.layers.values()))
+        ok = ok and not report.errors and layer.converged
+        parts.append(f"{phase} {layer.seconds:.2f} s, {layer.iterations} steps, {layer.resolved} resolved")
+        print(f"--- {phase}: {parts[-1]}")
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+    return "; ".join(parts), ok
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="small sizes (detection at 512, tiny models)")
+    parser.add_argument("--overhead-steps", type=int, default=300, help="Trainer steps of the overhead row")
+    parser.add_argument("--only", nargs="+", help="run only the checks whose names start with these")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     where = torch.cuda.get_device_name() if on_gpu else f"{torch.get_num_threads()} CPU threads"
@@ -184,14 +282,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, {where}", flush=True)
     checks: dict[str, Callable[[argparse.Namespace], tuple[str, bool]]] = {
         "tests/test_cuda.py": pytest_cuda,
+        "profile of a 4096² measurement": profile_measurement,
         "detection, bases on CPU": detection("cpu"),
         f"detection, bases on {args.device}": detection(args.device),
         "bench_llama.py, 2 layers": llama,
         "background snapshot, TF32 on": background_snapshot_tf32,
         "QLoRA SFT (nf4, bf16 storage)": qlora_sft,
+        "SmolLM2-shaped training overhead": smollm2_shaped_overhead,
     }
     if not on_gpu:
         del checks[f"detection, bases on {args.device}"], checks["bench_llama.py, 2 layers"]
+    if args.only:
+        checks = {name: check for name, check in checks.items() if name.startswith(tuple(args.only))}
     rows = []
     for name, check in checks.items():
         t0 = time.perf_counter()
@@ -200,7 +302,7 @@ def main() -> None:
         except Exception as err:  # a failing check is a row, not the end of the others
             result, ok = f"{type(err).__name__}: {err}"[:200], False
         rows.append((name, result.replace("|", "/"), ok, time.perf_counter() - t0))
-        print(f"{name}: {'ok' if ok else 'FAILED'} ({rows[-1][3]:.0f} s)", flush=True)
+        print(f"{name}: {'ok' if ok else 'FAILED'} ({rows[-1][3]:.0f} s): {result}", flush=True)
     print()
     print("| check | result | ok | s |")
     print("|---|---|---|---:|")
