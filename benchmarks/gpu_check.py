@@ -19,7 +19,7 @@ Each row is a check that passes only if its counts equal a float64 recount (or i
    (4096 x 4096, bf16, LoRA r=16, ``bench_llama.py``'s adapters): the operators that take the time, with the
    layer's solver steps and float64-resolved decisions.
 
-On a GPU (the intended use; the script has not been run on one yet)::
+On a GPU (the intended use; results of a run on an H200 in docs/performance.md, "GPU check")::
 
     python benchmarks/gpu_check.py
 
@@ -182,6 +182,7 @@ def qlora_sft(args: argparse.Namespace) -> tuple[str, bool]:
 
 
 def smollm2_shaped_overhead(args: argparse.Namespace) -> tuple[str, bool]:
+    from bench_llama import KINDS
     from bench_training_overhead import timed_callback
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -199,11 +200,10 @@ def smollm2_shaped_overhead(args: argparse.Namespace) -> tuple[str, bool]:
     )
     steps, batch, length = (4, 2, 32) if small else (args.overhead_steps, 8, 256)
     data = RandomTokens(n=steps * batch, length=length, vocab=config.vocab_size, causal=True)
-    kinds = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
     def train(callback) -> float:
         torch.manual_seed(0)
-        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=16, lora_alpha=32, target_modules=kinds))
+        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=16, lora_alpha=32, target_modules=list(KINDS)))
         on_gpu = args.device.startswith("cuda")
         with tempfile.TemporaryDirectory() as out:
             training = TrainingArguments(
@@ -236,7 +236,12 @@ def smollm2_shaped_overhead(args: argparse.Namespace) -> tuple[str, bool]:
         callback = timed_callback(every_n_steps=every, progress=False, asynchronous=asynchronous)
         wall = train(callback)
         report = callback.last_report
-        ok = ok and report is not None and not report.errors and len(report.layers) == 7 * config.num_hidden_layers
+        ok = (
+            ok
+            and report is not None
+            and not report.errors
+            and len(report.layers) == len(KINDS) * config.num_hidden_layers
+        )
         label = "async" if asynchronous else "sync"
         last = sum(layer.seconds for layer in report.layers.values()) if report else float("nan")
         parts.append(
