@@ -17,7 +17,9 @@ Each row is a check that passes only if its counts equal a float64 recount (or i
    inside the callback's Trainer events;
 7. a profile (``torch.profiler``, CPU and CUDA) of one cold and one warm measurement of a Llama-3-8B-shaped q_proj
    (4096 x 4096, bf16, LoRA r=16, ``bench_llama.py``'s adapters): the operators that take the time, with the
-   layer's solver steps and float64-resolved decisions.
+   layer's solver steps and float64-resolved decisions; for a decision the float64 pass settled, what the working
+   precision's solve left (its steps, whether it converged, each vector's error bound against its distance to the
+   nearest threshold), which says why it was left open.
 
 On a GPU (the intended use; results of a run on an H200 in docs/performance.md, "GPU check")::
 
@@ -39,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -255,23 +258,44 @@ def profile_measurement(args: argparse.Namespace) -> tuple[str, bool]:
     from bench_llama import drift, llama_lora, train_adapters
     from torch.profiler import ProfilerActivity, profile
 
+    from lora_spectral_callback import measure
+
     model = llama_lora(1, args.device, 0)
     monitor = SpectralMonitor(model, include=r"\.q_proj$", epsilon=EPSILONS, progress=False)
     monitor.snapshot()
     train_adapters(model, 1.0, 1)
     parts, ok = [], True
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    rough: list[measure.Decomposition] = []
+
+    def spy(matrix, config, left_open, *rest):  # what the working precision left to the float64 pass
+        rough.append(left_open)
+        return resolve(matrix, config, left_open, *rest)
+
+    resolve = measure._resolve
     for phase in ("cold", "warm"):
         if phase == "warm":
             drift(model, 0.05, 2)
-        with profile(activities=activities) as prof:
+        rough.clear()
+        with profile(activities=activities) as prof, mock.patch.object(measure, "_resolve", spy):
             report = monitor.measure(1)
         layer = next(iter(report.layers.values()))
         ok = ok and not report.errors and layer.converged
         parts.append(f"{phase} {layer.seconds:.2f} s, {layer.iterations} steps, {layer.resolved} resolved")
         print(f"--- {phase}: {parts[-1]}")
+        for left in rough:
+            distance = (left.max_cos[None, :] - torch.tensor(EPSILONS, device=left.max_cos.device)[:, None]).abs()
+            print(
+                f"left open in {left.svd.U.dtype}: {left.svd.iterations} steps, converged {left.svd.converged}, "
+                f"{left.uncertain} uncertain; per vector: max |cos| {fmt(left.max_cos)}, error bound "
+                f"{fmt(left.svd.error)}, distance to the nearest ε {fmt(distance.amin(dim=0))}"
+            )
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
     return "; ".join(parts), ok
+
+
+def fmt(values: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{v:.2e}" for v in values.tolist()) + "]"
 
 
 def main() -> None:

@@ -208,7 +208,7 @@ def _resolve(
     float32 and 4.9e-4 of a float16 basis. It starts from ``rough``'s search space, already within fp32 of the
     answer, so it takes a step or a few. The triplets and cosines of that pass replace the rough ones (the counts
     are then a float64 full SVD's); the rough search space is kept to warm-start the next measurement in the
-    working precision."""
+    working precision, and the steps of both passes are counted."""
     start = KrylovSpace(rough.svd.block.Q.double())
     fine = decompose(
         matrix,
@@ -217,7 +217,7 @@ def _resolve(
         warm_start=start,
         generator_for=generator_for,
     )
-    svd = replace(fine.svd, block=rough.svd.block)
+    svd = replace(fine.svd, block=rough.svd.block, iterations=rough.svd.iterations + fine.svd.iterations)
     return Decomposition(svd, fine.max_cos, fine.uncertain, rough.uncertain - fine.uncertain)
 
 

@@ -44,7 +44,7 @@ class LayerReport:
         intruder_sigma_ratio: Largest intruder singular value over ``pretrained_sigma1``.
         first_intruder: 1-based rank of the strongest intruder; ``k + 1`` when there is none.
         converged: Whether the solver met its error bound and no decision is left uncertain.
-        iterations: Solver iterations in this measurement.
+        iterations: Solver iterations in this measurement (both passes' when the float64 pass settled a decision).
         uncertain: Decisions closer to a threshold than even float64 can resolve (counted as computed).
         resolved: Decisions the working precision left open that a float64 pass settled.
         seconds: Wall time of this layer's measurement.

@@ -3,11 +3,15 @@ fp32 solver's bound) is settled by a float64 pass, so the count equals a float64
 
 from __future__ import annotations
 
+from dataclasses import replace
+from unittest import mock
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from lora_spectral_callback import SpectralMonitor
+from lora_spectral_callback import SpectralMonitor, measure
+from lora_spectral_callback.linalg import KrylovSpace
 from lora_spectral_callback.measure import decompose
 from lora_spectral_callback.metrics import max_abs_cosine, pretrained_basis_and_spectrum
 from lora_spectral_callback.writers import headline_metrics, scalar_metrics
@@ -88,3 +92,24 @@ def test_a_decision_float64_cannot_make_stays_uncertain_and_reaches_the_log():
     layer = LayerReport(1, {"0.5": 1}, [0.4999], [1.0], 1.0, 1.0, 1.0, 1.0, 1, converged=False, uncertain=1)
     report = SpectralReport.from_layers(3, [0.5], {"x": layer})
     assert report.uncertain == 1 and headline_metrics(report)["spectral/uncertain"] == 1
+
+
+def test_a_resolved_layer_counts_the_steps_of_both_passes():
+    """``iterations`` of a layer the float64 pass settled is the fp32 solve's steps plus the float64 pass's."""
+    W0, B, A = (x.float().double() for x in pieces(t_at(EPS + 1e-6)))
+    monitor = SpectralMonitor(lora_model(W0, B, A), epsilon=EPS, progress=False)
+    monitor.snapshot()
+    (matrix,) = monitor.matrices
+    basis = monitor.snapshots.layers[matrix.name].basis
+    with mock.patch.object(measure, "_resolve", lambda matrix, config, rough, *rest: rough):
+        rough = decompose(matrix, basis, monitor.config)  # what the fp32 solve leaves open
+    assert rough.uncertain >= 1 and rough.svd.iterations >= 1
+    fine = decompose(
+        matrix,
+        measure.float64_basis(matrix),
+        replace(monitor.config, compute_dtype="float64"),
+        warm_start=KrylovSpace(rough.svd.block.Q.double()),
+    )
+    (layer,) = monitor.measure(1).layers.values()
+    assert layer.resolved >= 1 and fine.svd.iterations >= 1
+    assert layer.iterations == rough.svd.iterations + fine.svd.iterations
