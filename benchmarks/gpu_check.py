@@ -267,12 +267,12 @@ def profile_measurement(args: argparse.Namespace) -> tuple[str, bool]:
     parts, ok = [], True
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     rough: list[measure.Decomposition] = []
+    resolve = measure._resolve
 
     def spy(matrix, config, left_open, *rest):  # what the working precision left to the float64 pass
         rough.append(left_open)
         return resolve(matrix, config, left_open, *rest)
 
-    resolve = measure._resolve
     for phase in ("cold", "warm"):
         if phase == "warm":
             drift(model, 0.05, 2)
