@@ -19,7 +19,10 @@ Each row is a check that passes only if its counts equal a float64 recount (or i
    (4096 x 4096, bf16, LoRA r=16, ``bench_llama.py``'s adapters): the operators that take the time, with the
    layer's solver steps and float64-resolved decisions; for a decision the float64 pass settled, what the working
    precision's solve left (its steps, whether it converged, each vector's error bound against its distance to the
-   nearest threshold), which says why it was left open.
+   nearest threshold), which says why it was left open;
+8. the same q_proj measured with each of the solver's small dense decompositions (``eigh``, ``eigvalsh``, ``svd``)
+   left on the device instead of LAPACK (``linalg.on_cpu``), and the orthogonality and residual of the device's
+   float32 ``eigh`` on one of its Rayleigh-Ritz Gram matrices: why they stay on LAPACK.
 
 On a GPU (the intended use; results of a run on an H200 in docs/performance.md, "GPU check")::
 
@@ -52,6 +55,7 @@ from bench_detection import run_case  # noqa: E402
 from helpers import RandomTokens, reference_counts, tiny_bert  # noqa: E402
 
 from lora_spectral_callback import LoRASpectralCallback, SpectralMonitor  # noqa: E402
+from lora_spectral_callback.products import reduced_bits  # noqa: E402
 
 EPSILONS = [0.5, 0.3, 0.7]
 
@@ -294,6 +298,66 @@ def profile_measurement(args: argparse.Namespace) -> tuple[str, bool]:
     return "; ".join(parts), ok
 
 
+def small_decompositions(args: argparse.Namespace) -> tuple[str, bool]:
+    """The 4096² q_proj measurement (cold, then warm after a 5 % drift) with the solver's small dense problems on
+    LAPACK (as shipped, ``linalg.on_cpu``) and with each kind left on the device (cuSOLVER on a GPU), and how exactly
+    the device's float32 ``eigh`` diagonalizes a Rayleigh-Ritz Gram matrix of that solve."""
+    from bench_llama import drift, llama_lora, train_adapters
+
+    from lora_spectral_callback import linalg
+
+    model = llama_lora(1, args.device, 0)
+    lapack = linalg.on_cpu
+    grams: list[torch.Tensor] = []
+    variants = {
+        "LAPACK": (),
+        "device eigh": (torch.linalg.eigh,),
+        "device eigvalsh": (torch.linalg.eigvalsh,),
+        "device svd": (torch.linalg.svd,),
+        "LAPACK, tall QR on the CPU too": (),
+    }
+    qr = torch.linalg.qr
+
+    def qr_on_cpu(A, mode="reduced"):
+        return type(qr(A[:1, :1]))([t.to(A.device) for t in qr(A.cpu(), mode=mode)])
+
+    parts: list[str] = []
+    counts: dict[str, set] = {"cold": set(), "warm": set()}
+    for name, on_device in variants.items():
+
+        def small(decomposition, A, on_device=on_device):
+            if decomposition is torch.linalg.eigh and not on_device:  # the Gram matrices of the LAPACK run
+                grams.append(A.detach().clone())
+            return decomposition(A) if decomposition in on_device else lapack(decomposition, A)
+
+        train_adapters(model, 1.0, 1)
+        monitor = SpectralMonitor(model, include=r"\.q_proj$", epsilon=EPSILONS, progress=False)
+        monitor.snapshot()
+        row = []
+        tall_qr = qr_on_cpu if "tall QR" in name else qr
+        with mock.patch.object(linalg, "on_cpu", small), mock.patch.object(torch.linalg, "qr", tall_qr):
+            for phase in ("cold", "warm"):
+                if phase == "warm":
+                    drift(model, 0.05, 2)
+                report = monitor.measure(1)
+                layer = next(iter(report.layers.values()))
+                counts[phase].add(tuple(layer.intruders_by_epsilon.items()))
+                row.append(f"{phase} {layer.seconds:.2f} s {layer.iterations} steps {layer.resolved} resolved")
+        parts.append(f"{name}: " + ", ".join(row))
+        print(parts[-1], flush=True)
+    G = max(grams, key=len).double()  # the widest search space
+    for where in ("device", "cpu"):
+        theta, Y = torch.linalg.eigh(G.float() if where == "device" else G.float().cpu())
+        Y, theta = Y.double().to(G.device), theta.double().to(G.device)
+        residual = torch.linalg.matrix_norm(G @ Y - Y * theta, 2) / torch.linalg.matrix_norm(G, 2)
+        orthogonality = (Y.T @ Y - torch.eye(Y.shape[1], dtype=Y.dtype, device=Y.device)).abs().max()
+        parts.append(
+            f"float32 eigh on {where} of a {G.shape[0]}² Gram: residual {residual:.1e}, |YᵀY-I| {orthogonality:.1e}"
+        )
+        print(parts[-1], flush=True)
+    return "; ".join(parts), all(len(c) == 1 for c in counts.values())
+
+
 def fmt(values: torch.Tensor) -> str:
     return "[" + ", ".join(f"{v:.2e}" for v in values.tolist()) + "]"
 
@@ -307,11 +371,13 @@ def main() -> None:
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     where = torch.cuda.get_device_name() if on_gpu else f"{torch.get_num_threads()} CPU threads"
+    products = reduced_bits(torch.device(args.device))
     print("$ python " + " ".join(sys.argv))
-    print(f"torch {torch.__version__}, {where}", flush=True)
+    print(f"torch {torch.__version__}, {where}, float32 products: {products or 'IEEE'} bits", flush=True)
     checks: dict[str, Callable[[argparse.Namespace], tuple[str, bool]]] = {
-        "tests/test_cuda.py": pytest_cuda,
+        "small decompositions, LAPACK vs device": small_decompositions,
         "profile of a 4096² measurement": profile_measurement,
+        "tests/test_cuda.py": pytest_cuda,
         "detection, bases on CPU": detection("cpu"),
         f"detection, bases on {args.device}": detection(args.device),
         "bench_llama.py, 2 layers": llama,

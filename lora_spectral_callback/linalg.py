@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -138,6 +139,21 @@ def exact_top_singular_triplets(M: LowRankUpdatedMatrix, k: int) -> TopSVD:
     return TopSVD(Uk, S[:k].to(dtype), Vh[:k].T.to(dtype), zeros, 0, True, KrylovSpace(Uk))
 
 
+def on_cpu(decomposition: Callable[[Tensor], Any], A: Tensor) -> Any:
+    """``decomposition(A)`` by LAPACK on the CPU, its results back on ``A``'s device: for the solver's small dense
+    problems (at most ``max_block`` columns). On CUDA, PyTorch gives a float32 ``eigh`` of 32 to 512 columns to
+    cuSOLVER's Jacobi solver (``syevj``): on an H200 its Rayleigh-Ritz eigenvectors were orthogonal to 9e-5 (LAPACK's
+    to 1e-6), and the error bound of a 4096 x 4096 solve never settled in 100 steps; the bound's batched
+    ``eigvalsh`` was slower there than a round trip to LAPACK, and ``svd`` no faster (``benchmarks/gpu_check.py``).
+    Copying p x p values each way costs less than either."""
+    if A.device.type == "cpu":
+        return decomposition(A)
+    out = decomposition(A.cpu())
+    if isinstance(out, Tensor):
+        return out.to(A.device)
+    return tuple(t.to(A.device) for t in out)
+
+
 def _rayleigh_ritz(Q: Tensor, Z: Tensor, MZ: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Ritz pairs of ``M M^T`` on span(Q), from ``Z = M^T Q`` and ``MZ = M Z``; no product with ``M`` is needed.
 
@@ -146,7 +162,7 @@ def _rayleigh_ritz(Q: Tensor, Z: Tensor, MZ: Tensor) -> tuple[Tensor, Tensor, Te
     numbers, which costs accuracy only in the small Ritz values; the residuals, hence the error bounds, are
     computed from the products themselves and stay valid. Returns ``(Y, theta, U, residuals)``.
     """
-    theta, Y = torch.linalg.eigh(mm(Z.T, Z))
+    theta, Y = on_cpu(torch.linalg.eigh, mm(Z.T, Z))
     theta, Y = theta.flip(0).clamp_min(0), Y.flip(1)
     U = mm(Q, Y)
     return Y, theta, U, mm(MZ, Y) - U * theta
@@ -161,7 +177,7 @@ def _extend(Q: Tensor | None, X: Tensor, drop: float) -> Tensor:
         for _ in range(2):
             X = X - mm(Q, mm(Q.T, X))
     Qx, Rx = torch.linalg.qr(X, mode="reduced")
-    Ur, s, _ = torch.linalg.svd(Rx)
+    Ur, s, _ = on_cpu(torch.linalg.svd, Rx)
     X = mm(Qx, Ur[:, s > drop * scale])
     if Q is not None:  # dropped noise aside, one more pass keeps the basis orthogonal to working precision
         X = X - mm(Q, mm(Q.T, X))
@@ -197,7 +213,8 @@ def _ritz_vector_error(theta: Tensor, U: Tensor, R: Tensor, k: int, rounding: fl
     j = torch.linspace(k, last, min(candidates, last - k + 1), device=theta.device).round().long()
     G = mm(R[:, :last].T, R[:, :last])
     inside = (torch.arange(last, device=theta.device)[None, :] < j[:, None]).to(dtype)
-    gamma = torch.linalg.eigvalsh(G * inside[:, :, None] * inside[:, None, :])[:, -1].clamp_min(0).sqrt()[:, None]
+    blocks = G * inside[:, :, None] * inside[:, None, :]  # the leading j x j blocks of G, zero-padded
+    gamma = on_cpu(torch.linalg.eigvalsh, blocks)[:, -1].clamp_min(0).sqrt()[:, None]
     gaps = (theta[:, None] - theta[None, :]).abs()
     gaps.fill_diagonal_(float("inf"))
     delta = gaps.min(dim=1).values.clamp_min(tiny)[:k]

@@ -52,3 +52,20 @@ def test_trainer_on_gpu(tmp_path):
     base, merged = weights_by_name(model.to("cpu"))
     totals, _ = reference_counts(base, merged, [0.5])
     assert scalars["spectral/intruders_total"][10] == totals[0.5]
+
+
+def test_a_solve_on_the_gpu_takes_the_steps_it_takes_on_the_cpu():
+    """The solver stops on CUDA where it stops on a CPU: with cuSOLVER's float32 eigh a 4096² solve once ran its 100
+    steps there without settling its bound (``test_device_paths.py``: the small decompositions stay on LAPACK)."""
+    from test_device_paths import flat_low_rank_updated
+
+    from lora_spectral_callback.linalg import top_singular_triplets
+
+    start = torch.linalg.qr(torch.randn(2048, 20, generator=torch.Generator().manual_seed(1))).Q
+    solves = {
+        device: top_singular_triplets(flat_low_rank_updated(2048, device=device), 10, start.to(device))
+        for device in ("cpu", "cuda")
+    }
+    assert all(solve.converged for solve in solves.values())
+    assert abs(solves["cuda"].iterations - solves["cpu"].iterations) <= 1
+    assert torch.allclose(solves["cuda"].S.cpu(), solves["cpu"].S, rtol=1e-5)

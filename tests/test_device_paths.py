@@ -1,5 +1,6 @@
 """What the CUDA path adds, exercised on CPU with fakes: a basis is published only after the work producing it has
-completed (pending until then), and the snapshot method chosen by the device's float64 speed."""
+completed (pending until then), the snapshot method chosen by the device's float64 speed, and the solver's small
+decompositions kept on LAPACK."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from helpers import reference_counts
 from test_background_snapshot import weights
 from training import lora_bert
 
-from lora_spectral_callback import SpectralMonitor, basis_store
+from lora_spectral_callback import SpectralMonitor, basis_store, linalg
 from lora_spectral_callback.basis_store import BasisStore, settle
+from lora_spectral_callback.linalg import LowRankUpdatedMatrix, top_singular_triplets
 from lora_spectral_callback.metrics import (
     basis_rounding_error,
     count_intruders,
@@ -95,3 +97,43 @@ def test_float32_svd_basis_moves_cosines_far_less_than_float16_storage():
     fp32 = max_abs_cosine(top, pretrained_basis_and_spectrum(W0.float(), torch.float32, "svd")[0].double())
     assert float((fp32 - exact).abs().max()) < basis_rounding_error(torch.float16) / 20
     assert count_intruders(fp32, EPS) == count_intruders(exact, EPS)
+
+
+def flat_low_rank_updated(n: int, seed: int = 0, device: str = "cpu") -> LowRankUpdatedMatrix:
+    """A flat spectrum (1 down to 0.5, like a pretrained weight's) plus a rank-16 update."""
+    g = torch.Generator().manual_seed(seed)
+    U0, V0 = (torch.linalg.qr(torch.randn(n, n, generator=g)).Q for _ in range(2))
+    W0 = (U0 * torch.linspace(1, 0.5, n)) @ V0.T
+    B, A = torch.randn(n, 16, generator=g) * 0.05, torch.randn(16, n, generator=g) / n**0.5
+    return LowRankUpdatedMatrix(*(t.to(device) for t in (W0, B, A)))
+
+
+def test_the_solvers_small_decompositions_go_through_lapack(monkeypatch):
+    """On CUDA, PyTorch's float32 eigh of 32-512 columns is cuSOLVER's Jacobi ``syevj``: on an H200 its
+    eigenvectors of a Rayleigh-Ritz Gram matrix were orthogonal to 9e-5 (LAPACK: 1e-6), and the error bound of a
+    4096² solve never settled (100 steps; ``benchmarks/gpu_check.py``). So every small decomposition of the solver
+    goes through ``linalg.on_cpu``; eigenvectors as loose as syevj's (emulated here) stall it."""
+    M = flat_low_rank_updated(1024)
+    start = torch.linalg.qr(torch.randn(1024, 20, generator=torch.Generator().manual_seed(1))).Q
+    lapack, routed = linalg.on_cpu, set()
+
+    def counted(decomposition, A):
+        routed.add(decomposition)
+        return lapack(decomposition, A)
+
+    monkeypatch.setattr(linalg, "on_cpu", counted)
+    good = top_singular_triplets(M, 10, start)
+    assert routed == {torch.linalg.eigh, torch.linalg.eigvalsh, torch.linalg.svd}
+    assert good.converged and good.iterations <= 4
+
+    g = torch.Generator().manual_seed(2)
+
+    def loose_eigh(decomposition, A):
+        out = lapack(decomposition, A)
+        if decomposition is not torch.linalg.eigh:
+            return out
+        theta, Y = out
+        return theta, Y + Y @ (torch.randn(Y.shape, generator=g) * 1e-4 / Y.shape[0] ** 0.5)
+
+    monkeypatch.setattr(linalg, "on_cpu", loose_eigh)
+    assert not top_singular_triplets(M, 10, start).converged
