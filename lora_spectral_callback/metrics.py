@@ -98,17 +98,25 @@ def max_abs_cosine(U: Tensor, U0: Tensor, chunk: int | None = None) -> Tensor:
     ``chunk`` rows (contiguous in memory) and upcast to ``U``'s dtype, so the transient memory is ``chunk`` rows of
     ``U0`` plus the k x r products being summed. The default chunk keeps a widened chunk within a CPU core's L2
     cache (2 MB), where the upcast and the product run several times faster than from main memory (6x on a
-    14336 x 4096 basis compared with column chunks); on a GPU chunks are larger, to keep kernels big, and a CPU
+    14336 x 4096 basis compared with column chunks), and widened into one reused buffer (a fresh chunk each time
+    cost more in page faults than the product: 35-52 ms instead of ~11 ms for a 4096 x 4096 fp16 basis, one
+    thread, ``benchmarks/bench_detection.py``'s layer); on a GPU chunks are larger, to keep kernels big, and a CPU
     basis in pinned memory (:class:`~.basis_store.BasisStore` puts it there) is copied asynchronously.
     """
     if chunk is None:
         budget = 1 << 19 if U.device.type == "cpu" else 1 << 25  # values per widened chunk
         chunk = max(16, budget // max(U0.shape[1], 1))
     products = torch.zeros(U.shape[1], U0.shape[1], dtype=U.dtype, device=U.device)
+    widen_in_place = U.device.type == "cpu" and U0.dtype != U.dtype and U0.device.type == "cpu"
+    buffer = torch.empty(min(chunk, U0.shape[0]), U0.shape[1], dtype=U.dtype) if widen_in_place else None
     for i in range(0, U0.shape[0], chunk):
-        # move the narrow dtype, widen on the device; from pinned memory the copy is asynchronous (ordered before
-        # the product on this stream, and the basis is never written), from pageable memory it is staged anyway
-        block = U0[i : i + chunk].to(U.device, non_blocking=True).to(U.dtype)
+        if buffer is not None:  # one buffer for every chunk: a fresh one per chunk costs its page faults each time
+            block = buffer[: min(chunk, U0.shape[0] - i)]
+            block.copy_(U0[i : i + chunk])
+        else:
+            # move the narrow dtype, widen on the device; from pinned memory the copy is asynchronous (ordered before
+            # the product on this stream, and the basis is never written), from pageable memory it is staged anyway
+            block = U0[i : i + chunk].to(U.device, non_blocking=True).to(U.dtype)
         products += matmul(U[i : i + chunk].T, block)  # float32 accuracy under TF32 (:mod:`.products`)
     return products.abs().amax(dim=1) if products.numel() else products.new_zeros(U.shape[1])
 

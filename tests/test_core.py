@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from lora_spectral_callback.linalg import LowRankUpdatedMatrix, exact_top_singular_triplets, top_singular_triplets
+from lora_spectral_callback.linalg import (
+    BASE_ROWS,
+    LowRankUpdatedMatrix,
+    exact_top_singular_triplets,
+    top_singular_triplets,
+)
 from lora_spectral_callback.metrics import (
     basis_rounding_error,
     count_intruders,
@@ -56,6 +61,17 @@ def test_operator_products_match_dense():
     torch.testing.assert_close(op.rmatmul(Y), dense.T @ Y, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not match"):
         LowRankUpdatedMatrix(W0, B, A[:, :5])
+
+
+def test_base_product_of_a_tall_weight_is_taken_in_row_blocks_exactly():
+    """On CPU ``W0 @ X`` goes a block of ``BASE_ROWS`` rows at a time (faster there); the blocks, the last one
+    shorter, give the one product's values."""
+    g = torch.Generator().manual_seed(0)
+    m = 2 * BASE_ROWS + 37
+    W0, X = torch.randn(m, 64, generator=g, dtype=torch.float64), torch.randn(64, 5, generator=g, dtype=torch.float64)
+    product = LowRankUpdatedMatrix(W0).base_matmul(X)
+    assert product.shape == (m, 5)
+    torch.testing.assert_close(product, W0 @ X, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -140,6 +156,11 @@ def test_max_abs_cosine_is_paper_definition_and_chunk_independent():
     expected = (U.T @ U0).abs().max(dim=1).values
     torch.testing.assert_close(max_abs_cosine(U, U0, chunk=7), expected)
     torch.testing.assert_close(max_abs_cosine(U, U0[:, :50]), expected)
+    # a float16 basis is widened chunk by chunk into one buffer (the last chunk shorter): each chunk's own values
+    narrow = U0.half()
+    widened = (U.float().T @ narrow.float()).abs().max(dim=1).values
+    for chunk in (7, 16, 50, 64):
+        torch.testing.assert_close(max_abs_cosine(U.float(), narrow, chunk=chunk), widened, rtol=1e-6, atol=1e-6)
 
 
 def test_fp16_basis_moves_cosines_by_at_most_the_stated_bound():

@@ -112,7 +112,8 @@ def test_the_solvers_small_decompositions_go_through_lapack(monkeypatch):
     """On CUDA, PyTorch's float32 eigh of 32-512 columns is cuSOLVER's Jacobi ``syevj``: on an H200 its
     eigenvectors of a Rayleigh-Ritz Gram matrix were orthogonal to 9e-5 (LAPACK: 1e-6), and the error bound of a
     4096² solve never settled (100 steps; ``benchmarks/gpu_check.py``). So every small decomposition of the solver
-    goes through ``linalg.on_cpu``; eigenvectors as loose as syevj's (emulated here) stall it."""
+    goes through ``linalg.on_cpu``; eigenvectors orthogonal to only ~3e-4 (emulated, three times looser than
+    syevj's there) stall it on this matrix."""
     M = flat_low_rank_updated(1024)
     start = torch.linalg.qr(torch.randn(1024, 20, generator=torch.Generator().manual_seed(1))).Q
     lapack, routed = linalg.on_cpu, set()
@@ -133,7 +134,11 @@ def test_the_solvers_small_decompositions_go_through_lapack(monkeypatch):
         if decomposition is not torch.linalg.eigh:
             return out
         theta, Y = out
-        return theta, Y + Y @ (torch.randn(Y.shape, generator=g) * 1e-4 / Y.shape[0] ** 0.5)
+        loose = Y + Y @ (torch.randn(Y.shape, generator=g) * 5e-4 / Y.shape[0] ** 0.5)
+        orthogonality.append(float((loose.T @ loose - torch.eye(Y.shape[0])).abs().max()))
+        return theta, loose
 
+    orthogonality: list[float] = []
     monkeypatch.setattr(linalg, "on_cpu", loose_eigh)
     assert not top_singular_triplets(M, 10, start).converged
+    assert max(orthogonality) < 4e-4
