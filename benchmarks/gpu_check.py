@@ -21,7 +21,7 @@ Each row is a check that passes only if its counts equal a float64 recount (or i
    precision's solve left (its steps, whether it converged, each vector's error bound against its distance to the
    nearest threshold), which says why it was left open;
 8. the same q_proj measured with each of the solver's small dense decompositions (``eigh``, ``eigvalsh``, ``svd``)
-   left on the device instead of LAPACK (``linalg.on_cpu``), and the orthogonality and residual of the device's
+   left on the device instead of LAPACK (``lapack.on_cpu``), and the orthogonality and residual of the device's
    float32 ``eigh`` on one of its Rayleigh-Ritz Gram matrices: why they stay on LAPACK.
 
 On a GPU (the intended use; results of a run on an H200 in docs/performance.md, "GPU check")::
@@ -300,7 +300,7 @@ def profile_measurement(args: argparse.Namespace) -> tuple[str, bool]:
 
 def small_decompositions(args: argparse.Namespace) -> tuple[str, bool]:
     """The 4096² q_proj measurement (cold, then warm after a 5 % drift) with the solver's small dense problems on
-    LAPACK (as shipped, ``linalg.on_cpu``) and with each kind left on the device (cuSOLVER on a GPU), and how exactly
+    LAPACK (as shipped, ``lapack.on_cpu``) and with each kind left on the device (cuSOLVER on a GPU), and how exactly
     the device's float32 ``eigh`` diagonalizes a Rayleigh-Ritz Gram matrix of that solve."""
     from bench_llama import drift, llama_lora, train_adapters
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from .lapack import on_cpu
 from .products import matmul as mm
 from .products import split_rounding
 
@@ -147,21 +147,6 @@ def exact_top_singular_triplets(M: LowRankUpdatedMatrix, k: int) -> TopSVD:
     Uk = U[:, :k].to(dtype)
     zeros = torch.zeros(k, dtype=dtype, device=S.device)
     return TopSVD(Uk, S[:k].to(dtype), Vh[:k].T.to(dtype), zeros, 0, True, KrylovSpace(Uk))
-
-
-def on_cpu(decomposition: Callable[[Tensor], Any], A: Tensor) -> Any:
-    """``decomposition(A)`` by LAPACK on the CPU, its results back on ``A``'s device: for the solver's small dense
-    problems (at most ``max_block`` columns). On CUDA, PyTorch gives a float32 ``eigh`` of 32 to 512 columns to
-    cuSOLVER's Jacobi solver (``syevj``): on an H200 its Rayleigh-Ritz eigenvectors were orthogonal to 9e-5 (LAPACK's
-    to 1e-6), and the error bound of a 4096 x 4096 solve never settled in 100 steps; the bound's batched
-    ``eigvalsh`` was slower there than a round trip to LAPACK, and ``svd`` no faster (``benchmarks/gpu_check.py``).
-    Copying p x p values each way costs less than either."""
-    if A.device.type == "cpu":
-        return decomposition(A)
-    out = decomposition(A.cpu())
-    if isinstance(out, Tensor):
-        return out.to(A.device)
-    return tuple(t.to(A.device) for t in out)
 
 
 def _rayleigh_ritz(Q: Tensor, Z: Tensor, MZ: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

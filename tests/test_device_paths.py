@@ -112,7 +112,7 @@ def test_the_solvers_small_decompositions_go_through_lapack(monkeypatch):
     """On CUDA, PyTorch's float32 eigh of 32-512 columns is cuSOLVER's Jacobi ``syevj``: on an H200 its
     eigenvectors of a Rayleigh-Ritz Gram matrix were orthogonal to 9e-5 (LAPACK: 1e-6), and the error bound of a
     4096² solve never settled (100 steps; ``benchmarks/gpu_check.py``). So every small decomposition of the solver
-    goes through ``linalg.on_cpu``; eigenvectors orthogonal to only ~3e-4 (emulated, three times looser than
+    goes through ``lapack.on_cpu``; eigenvectors orthogonal to only ~3e-4 (emulated, three times looser than
     syevj's there) stall it on this matrix."""
     M = flat_low_rank_updated(1024)
     start = torch.linalg.qr(torch.randn(1024, 20, generator=torch.Generator().manual_seed(1))).Q
