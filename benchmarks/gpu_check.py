@@ -258,6 +258,13 @@ def smollm2_shaped_overhead(args: argparse.Namespace) -> tuple[str, bool]:
     return "; ".join(parts), ok
 
 
+def q_proj_monitor(model: torch.nn.Module) -> SpectralMonitor:
+    """A monitor of the Llama-shaped layer's q_proj alone (a 4096² matrix), its snapshot taken."""
+    monitor = SpectralMonitor(model, include=r"\.q_proj$", epsilon=EPSILONS, progress=False)
+    monitor.snapshot()
+    return monitor
+
+
 def profile_measurement(args: argparse.Namespace) -> tuple[str, bool]:
     from bench_llama import drift, llama_lora, train_adapters
     from torch.profiler import ProfilerActivity, profile
@@ -265,8 +272,7 @@ def profile_measurement(args: argparse.Namespace) -> tuple[str, bool]:
     from lora_spectral_callback import measure
 
     model = llama_lora(1, args.device, 0)
-    monitor = SpectralMonitor(model, include=r"\.q_proj$", epsilon=EPSILONS, progress=False)
-    monitor.snapshot()
+    monitor = q_proj_monitor(model)
     train_adapters(model, 1.0, 1)
     parts, ok = [], True
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
@@ -331,8 +337,7 @@ def small_decompositions(args: argparse.Namespace) -> tuple[str, bool]:
             return decomposition(A) if decomposition in on_device else lapack(decomposition, A)
 
         train_adapters(model, 1.0, 1)
-        monitor = SpectralMonitor(model, include=r"\.q_proj$", epsilon=EPSILONS, progress=False)
-        monitor.snapshot()
+        monitor = q_proj_monitor(model)
         row = []
         tall_qr = qr_on_cpu if "tall QR" in name else qr
         with mock.patch.object(linalg, "on_cpu", small), mock.patch.object(torch.linalg, "qr", tall_qr):

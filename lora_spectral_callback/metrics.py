@@ -110,13 +110,13 @@ def max_abs_cosine(U: Tensor, U0: Tensor, chunk: int | None = None) -> Tensor:
     widen_in_place = U.device.type == "cpu" and U0.dtype != U.dtype and U0.device.type == "cpu"
     buffer = torch.empty(min(chunk, U0.shape[0]), U0.shape[1], dtype=U.dtype) if widen_in_place else None
     for i in range(0, U0.shape[0], chunk):
+        rows = U0[i : i + chunk]
         if buffer is not None:  # one buffer for every chunk: a fresh one per chunk costs its page faults each time
-            block = buffer[: min(chunk, U0.shape[0] - i)]
-            block.copy_(U0[i : i + chunk])
+            block = buffer[: rows.shape[0]].copy_(rows)
         else:
             # move the narrow dtype, widen on the device; from pinned memory the copy is asynchronous (ordered before
             # the product on this stream, and the basis is never written), from pageable memory it is staged anyway
-            block = U0[i : i + chunk].to(U.device, non_blocking=True).to(U.dtype)
+            block = rows.to(U.device, non_blocking=True).to(U.dtype)
         products += matmul(U[i : i + chunk].T, block)  # float32 accuracy under TF32 (:mod:`.products`)
     return products.abs().amax(dim=1) if products.numel() else products.new_zeros(U.shape[1])
 
