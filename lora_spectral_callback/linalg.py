@@ -86,7 +86,8 @@ class LowRankUpdatedMatrix:
         """``W0 @ X``, as ``(X^T W0^T)^T``: for thin X, MKL's kernel for a thin left operand streams W0 faster on CPU
         than the one for a thin right operand (the warm measurements of ``benchmarks/bench_detection.py``), and
         faster still a block of ``BASE_ROWS`` rows of W0 at a time (one thread, 20 columns: 4096 x 4096 15.1 ->
-        12.6 ms, 14336 x 4096 74.5 -> 48.7 ms); a GPU gets one product."""
+        12.6 ms, 14336 x 4096 74.5 -> 48.7 ms, medians of 15 in a one-off timing, 2026-12-04); a GPU gets one
+        product."""
         W0, Xt = self.W0, X.T
         if W0.device.type != "cpu" or W0.shape[0] <= BASE_ROWS:
             return mm(Xt, W0.T).T

@@ -100,7 +100,7 @@ def max_abs_cosine(U: Tensor, U0: Tensor, chunk: int | None = None) -> Tensor:
     cache (2 MB), where the upcast and the product run several times faster than from main memory (6x on a
     14336 x 4096 basis compared with column chunks), and widened into one reused buffer (a fresh chunk each time
     cost more in page faults than the product: 35-52 ms instead of ~11 ms for a 4096 x 4096 fp16 basis, one
-    thread, ``benchmarks/bench_detection.py``'s layer); on a GPU chunks are larger, to keep kernels big, and a CPU
+    thread, ``benchmarks/bench_detection.py``'s layer, in a one-off instrumented run); on a GPU chunks are larger, to keep kernels big, and a CPU
     basis in pinned memory (:class:`~.basis_store.BasisStore` puts it there) is copied asynchronously.
     """
     if chunk is None:
